@@ -1,0 +1,20 @@
+"""fused_accum: exact, lean and fast gradient accumulation for PyTorch optimizers.
+
+Swap ``torch.optim.SGD``/``Adam``/``AdamW`` for ``FusedAccumSGD``/``FusedAccumAdam``/
+``FusedAccumAdamW`` and gradients are summed in a persistent fp32 buffer owned by the
+optimizer, applied once per window of ``accumulation_steps`` micro-steps.
+"""
+
+from .adam import FusedAccumAdam, FusedAccumAdamW
+from .backends import BACKEND_NAMES
+from .sgd import FusedAccumSGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "FusedAccumAdam",
+    "FusedAccumAdamW",
+    "FusedAccumSGD",
+    "__version__",
+]

@@ -1,0 +1,91 @@
+"""Accumulation state: the flat groups, which parameters hold a contribution in the
+current window, and the window's counters. It folds gradients in through the backends
+and knows nothing of the update rules."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ._storage import FlatGroup
+from .backends import Backend, resolve_backend
+
+
+class AccumulationState:
+    """Flat fp32 (fp64 for fp64 parameters) buffers per (device, dtype) group, with the
+    bookkeeping of the window being accumulated.
+
+    Between windows every buffer is zero; during a window a parameter's buffer holds
+    the weighted sum of its gradients so far, and ``holds_sum`` says which parameters
+    have received at least one gradient.
+    """
+
+    def __init__(self, backend_name: str) -> None:
+        self.backend_name = backend_name
+        self.groups: dict[tuple[torch.device, torch.dtype], FlatGroup] = {}
+        self.backends: dict[tuple[torch.device, torch.dtype], Backend] = {}
+        self.slots: dict[torch.Tensor, tuple[FlatGroup, int]] = {}
+        self.holds_sum: set[torch.Tensor] = set()
+        self.window_micro_steps = 0
+        self.window_weight = 0.0
+        self.micro_step_count = 0
+        self.update_count = 0
+        self.last_step_applied = False
+
+    def add_params(self, params: list[torch.Tensor]) -> set[FlatGroup]:
+        """Give each parameter a slice of its group's flat tensors; return the groups
+        that grew (their flat tensors are new, so views into them must be remade)."""
+        by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for param in params:
+            by_key[(param.device, param.dtype)].append(param)
+        grown = set()
+        for key, new_params in by_key.items():
+            if key not in self.groups:
+                self.backends[key] = resolve_backend(self.backend_name, *key)
+                self.groups[key] = FlatGroup(*key)
+            group = self.groups[key]
+            start = len(group.params)
+            group.add(new_params)
+            for index, param in enumerate(new_params, start):
+                self.slots[param] = (group, index)
+            grown.add(group)
+        return grown
+
+    def backend_for(self, param: torch.Tensor) -> Backend:
+        return self.backends[(param.device, param.dtype)]
+
+    def buffer_view(self, param: torch.Tensor) -> torch.Tensor:
+        group, index = self.slots[param]
+        return group.buffer_view(index)
+
+    def state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        group, index = self.slots[param]
+        return group.state_view(name, index)
+
+    def fold(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+        """Add ``weight * grad`` into the buffer of each (param, grad) pair: one backend
+        call per (group, first contribution or not)."""
+        calls: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for param, grad in pairs:
+            first = param not in self.holds_sum
+            buffers, grads = calls[(param.device, param.dtype, first)]
+            buffers.append(self.buffer_view(param))
+            grads.append(grad)
+            self.holds_sum.add(param)
+        for (device, dtype, first), (buffers, grads) in calls.items():
+            self.backends[(device, dtype)].accumulate(
+                buffers, grads, scale=weight, overwrite=first
+            )
+
+    def end_window(self) -> None:
+        """Forget the window's counters; the buffers must already be zero."""
+        self.holds_sum.clear()
+        self.window_micro_steps = 0
+        self.window_weight = 0.0
+
+    def discard_window(self) -> None:
+        """Zero every buffer and forget the window."""
+        for group in self.groups.values():
+            group.buffer.zero_()
+        self.end_window()

@@ -1,0 +1,448 @@
+"""The optimizer layer shared by SGD, Adam and AdamW: window bookkeeping, gradient
+intake (in step() or during backward), argument checks and state_dict.
+
+Subclasses say which per-parameter state lives in flat storage, how to prepare a
+parameter's state before an update, and how to run an update on a batch."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ._accumulation import AccumulationState
+from .backends import Backend, StepBatch, check_backend_name
+
+
+def check_accumulation_steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"accumulation_steps must be an integer >= 1 (the number of micro-steps per "
+            f"update), got {value!r}"
+        )
+    return int(value)
+
+
+def check_weight(weight: Any) -> float:
+    """A micro-batch weight as a Python float: a positive, finite real number."""
+    if isinstance(weight, torch.Tensor):
+        if weight.numel() != 1 or weight.is_complex():
+            raise ValueError(
+                f"weight must be a real number or a one-element tensor, got a tensor of "
+                f"shape {tuple(weight.shape)} and dtype {weight.dtype}"
+            )
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"weight must be a real number, got {type(weight).__name__}")
+    weight = float(weight)
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(
+            f"weight must be positive and finite (for example the micro-batch's item or "
+            f"token count), got {weight}; to drop a micro-batch, do not call step() for it"
+        )
+    return weight
+
+
+def _param_tensors(params: Iterable[Any]) -> list[torch.Tensor]:
+    """The tensors of a params list that may hold (name, tensor) pairs."""
+    return [item[1] if isinstance(item, tuple) else item for item in params]
+
+
+class FusedAccumOptimizer(Optimizer):
+    """Base class of the fused_accum optimizers; not used directly."""
+
+    _flat_state_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        accumulation_steps: int,
+        backend: str,
+        accumulate_in_backward: bool,
+    ) -> None:
+        check_backend_name(backend)
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"{type(self).__name__} does not support differentiable=True; use the "
+                f"torch.optim optimizer for differentiating through the update"
+            )
+        self._accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self.backend = backend
+        self.accumulate_in_backward = bool(accumulate_in_backward)
+        self._accumulation = AccumulationState(backend)
+        self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
+        self._pending_weight = 1.0
+        self._folded_since_step = False
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- parameters
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group as torch.optim does; its parameters get accumulation
+        buffers (and, with ``accumulate_in_backward``, backward hooks) at once."""
+        param_group = dict(param_group)
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):
+            param_group["params"] = params = list(params)
+        if isinstance(params, list):
+            self._check_new_params(_param_tensors(params), len(self.param_groups))
+        super().add_param_group(param_group)
+        new_params = self.param_groups[-1]["params"]
+        for flat_group in self._accumulation.add_params(new_params):
+            self._rebind_state_views(flat_group.params)
+        if self.accumulate_in_backward:
+            self._register_hooks(new_params)
+
+    def _check_new_params(self, params: list[torch.Tensor], group_index: int) -> None:
+        seen: set[torch.Tensor] = set()
+        for index, param in enumerate(params):
+            if not isinstance(param, torch.Tensor):
+                continue  # torch.optim raises its own TypeError for these
+            where = f"parameter {index} of param group {group_index}"
+            if param in seen:
+                raise ValueError(
+                    f"{where} appears twice in the group; pass each parameter once"
+                )
+            seen.add(param)
+            if param.is_complex():
+                raise ValueError(
+                    f"{where} is complex ({param.dtype}); {type(self).__name__} supports "
+                    f"real floating-point parameters only: keep the real and imaginary "
+                    f"parts as two real parameters, or use torch.optim"
+                )
+            if not param.is_floating_point():
+                raise ValueError(
+                    f"{where} has dtype {param.dtype}; only floating-point parameters "
+                    f"can be optimized"
+                )
+            if param.layout != torch.strided:
+                raise ValueError(
+                    f"{where} has layout {param.layout}; only dense (strided) parameters "
+                    f"are supported"
+                )
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return list(chain.from_iterable(group["params"] for group in self.param_groups))
+
+    def _describe(self, param: torch.Tensor) -> str:
+        for group_index, group in enumerate(self.param_groups):
+            for index, member in enumerate(group["params"]):
+                if member is param:
+                    names = group.get("param_names")
+                    name = f" ({names[index]})" if names else ""
+                    return f"parameter {index}{name} of param group {group_index}"
+        return "a parameter"
+
+    def _rebind_state_views(self, params: list[torch.Tensor]) -> None:
+        """Point state entries at the current flat tensors (after a group grew)."""
+        for param in params:
+            state = self.state.get(param)
+            if not state:
+                continue
+            for name in self._flat_state_names:
+                if isinstance(state.get(name), torch.Tensor):
+                    state[name] = self._accumulation.state_view(param, name)
+
+    # -------------------------------------------------------------- gradient intake
+
+    def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        problem = None
+        if grad.is_sparse or grad.layout != torch.strided:
+            problem = (
+                f"has a sparse gradient ({grad.layout}); fused_accum accumulates dense "
+                f"gradients only: build the embedding with sparse=False, or use "
+                f"torch.optim.SparseAdam for it"
+            )
+        elif grad.dtype != param.dtype:
+            problem = f"has a gradient of dtype {grad.dtype} but is {param.dtype}"
+        elif grad.shape != param.shape:
+            problem = (
+                f"has a gradient of shape {tuple(grad.shape)} but has shape "
+                f"{tuple(param.shape)}"
+            )
+        elif grad.device != param.device:
+            problem = f"has a gradient on {grad.device} but lives on {param.device}"
+        if problem is not None:
+            raise RuntimeError(f"{self._describe(param)} {problem}; nothing was accumulated")
+
+    def _take_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every present .grad, checked first and only then released (set to None)."""
+        pairs = [
+            (param, param.grad) for param in self._all_params() if param.grad is not None
+        ]
+        for param, grad in pairs:
+            self._check_grad(param, grad)
+        for param, _ in pairs:
+            param.grad = None
+        return pairs
+
+    def _register_hooks(self, params: list[torch.Tensor]) -> None:
+        optimizer_ref = weakref.ref(self)
+
+        def fold_in_backward(param: torch.Tensor) -> None:
+            optimizer = optimizer_ref()
+            if optimizer is None or param.grad is None:
+                return
+            optimizer._check_grad(param, param.grad)
+            optimizer._accumulation.fold([(param, param.grad)], optimizer._pending_weight)
+            optimizer._folded_since_step = True
+            param.grad = None
+
+        for param in params:
+            if param.requires_grad and param not in self._hooks:
+                self._hooks[param] = param.register_post_accumulate_grad_hook(
+                    fold_in_backward
+                )
+
+    # ------------------------------------------------------------------ the window
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-steps per update; may be changed between micro-steps."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, value: int) -> None:
+        self._accumulation_steps = check_accumulation_steps(value)
+
+    @property
+    def micro_step_count(self) -> int:
+        """Calls of step() so far."""
+        return self._accumulation.micro_step_count
+
+    @property
+    def window_micro_steps(self) -> int:
+        """Micro-steps accumulated in the current window."""
+        return self._accumulation.window_micro_steps
+
+    @property
+    def window_weight(self) -> float:
+        """Sum of the weights of the current window's micro-steps."""
+        return self._accumulation.window_weight
+
+    @property
+    def last_step_applied(self) -> bool:
+        """Whether the last step() ended a window and applied an update."""
+        return self._accumulation.last_step_applied
+
+    @property
+    def update_count(self) -> int:
+        """Updates applied so far, by step() or flush()."""
+        return self._accumulation.update_count
+
+    def set_weight(self, weight: float | torch.Tensor) -> None:
+        """Set the weight of the current micro-batch: the one whose backward comes next
+        with ``accumulate_in_backward=True``, or the next step() without ``weight=``.
+        It applies to one micro-step; then the weight is 1 again."""
+        self._pending_weight = check_weight(weight)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        weight: float | torch.Tensor | None = None,
+    ) -> Any:
+        """One micro-step: fold every present ``.grad`` into the accumulation buffers
+        (weighted by ``weight``, default 1) and release it; on every
+        ``accumulation_steps``-th call, apply the update with the window's weighted
+        mean gradient and clear the buffers. Returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if weight is not None and self.accumulate_in_backward:
+            raise ValueError(
+                "with accumulate_in_backward=True the gradients are folded in during "
+                "backward; give the micro-batch weight before backward with "
+                "optimizer.set_weight(weight) instead of step(weight=...)"
+            )
+        weight = self._pending_weight if weight is None else check_weight(weight)
+        self._pending_weight = 1.0
+        self._folded_since_step = False
+        if self.accumulate_in_backward:
+            self._register_hooks(self._all_params())
+        pairs = self._take_grads()
+        accumulation = self._accumulation
+        accumulation.micro_step_count += 1
+        accumulation.window_micro_steps += 1
+        accumulation.window_weight += weight
+        boundary = accumulation.window_micro_steps >= self.accumulation_steps
+        if boundary:
+            self._apply_window(pairs, weight)
+        else:
+            accumulation.fold(pairs, weight)
+        accumulation.last_step_applied = boundary
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Apply the current partial window now, normalised by the weight it holds (the
+        end of an epoch whose micro-batch count is not a multiple of
+        ``accumulation_steps``). Returns whether an update was applied; with no
+        micro-step in the window it does nothing."""
+        if self._folded_since_step:
+            raise RuntimeError(
+                "gradients were folded in by backward after the last step(); call "
+                "step() for that micro-batch before flush()"
+            )
+        if self._accumulation.window_micro_steps == 0:
+            return False
+        self._apply_window([], 0.0)
+        return True
+
+    def discard_window(self) -> None:
+        """Drop everything accumulated since the last update (buffers, micro-step count
+        and weight) without applying it. zero_grad() never does this."""
+        self._accumulation.discard_window()
+        self._pending_weight = 1.0
+        self._folded_since_step = False
+
+    def _apply_window(
+        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_weight: float
+    ) -> None:
+        accumulation = self._accumulation
+        total_weight = accumulation.window_weight
+        fresh_grads = dict(fresh)
+        for group in self.param_groups:
+            batches: dict[Hashable, StepBatch] = {}
+            for param in group["params"]:
+                use_buffer = param in accumulation.holds_sum
+                grad = fresh_grads.get(param)
+                if not use_buffer and grad is None:
+                    continue  # no gradient in the whole window: skipped, as torch does
+                state_key = self._prepare_state(group, param)
+                key = (param.device, param.dtype, use_buffer, grad is not None, state_key)
+                batch = batches.get(key)
+                if batch is None:
+                    batch = batches[key] = StepBatch(
+                        params=[],
+                        buffers=[],
+                        grads=None if grad is None else [],
+                        use_buffer=use_buffer,
+                        normaliser=1.0 / total_weight,
+                        grad_scale=fresh_weight / total_weight,
+                    )
+                batch.params.append(param)
+                batch.buffers.append(accumulation.buffer_view(param))
+                if grad is not None:
+                    batch.grads.append(grad)
+            for (device, dtype, *_, state_key), batch in batches.items():
+                backend = accumulation.backends[(device, dtype)]
+                self._step_batch(group, backend, batch, state_key)
+        accumulation.end_window()
+        accumulation.update_count += 1
+
+    # ------------------------------------------------------- what subclasses define
+
+    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+        """Create ``param``'s state if it has none yet (as torch.optim does, at its
+        first update) and return what, besides the group, its update depends on."""
+        raise NotImplementedError
+
+    def _step_batch(
+        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+    ) -> None:
+        raise NotImplementedError
+
+    def _new_state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        view = self._accumulation.state_view(param, name)
+        view.zero_()
+        return view
+
+    # ------------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
+        ignore the extra entry), plus ``"accumulation"``: the current window's buffers
+        and counters, so that a run stopped mid-window resumes exactly."""
+        state_dict = super().state_dict()
+        accumulation = self._accumulation
+        state_dict["accumulation"] = {
+            "accumulation_steps": self.accumulation_steps,
+            "window_micro_steps": accumulation.window_micro_steps,
+            "window_weight": accumulation.window_weight,
+            "micro_step_count": accumulation.micro_step_count,
+            "update_count": accumulation.update_count,
+            "last_step_applied": accumulation.last_step_applied,
+            "buffers": {
+                index: accumulation.buffer_view(param)
+                for index, param in enumerate(self._all_params())
+                if param in accumulation.holds_sum
+            },
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the matching torch.optim optimizer
+        (state is converted to the accumulation dtype, fp32, whatever it was saved
+        in). A torch.optim state dict leaves an empty window."""
+        state_dict = dict(state_dict)
+        saved_state = state_dict.pop("state")
+        window = state_dict.pop("accumulation", None)
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        id_map = dict(zip(saved_ids, self._all_params(), strict=True))
+        accumulation = self._accumulation
+        for flat_group in accumulation.groups.values():
+            for flat in flat_group.states.values():
+                flat.zero_()
+        for saved_id, param_state in saved_state.items():
+            param = id_map[saved_id]
+            self.state[param] = self._load_param_state(param, param_state)
+        self.discard_window()
+        if window is None:
+            return
+        self.accumulation_steps = window["accumulation_steps"]
+        accumulation.window_micro_steps = int(window["window_micro_steps"])
+        accumulation.window_weight = float(window["window_weight"])
+        accumulation.micro_step_count = int(window["micro_step_count"])
+        accumulation.update_count = int(window["update_count"])
+        accumulation.last_step_applied = bool(window["last_step_applied"])
+        for saved_id, buffer in window["buffers"].items():
+            param = id_map[saved_id]
+            self._check_saved_shape(param, "accumulation buffer", buffer)
+            accumulation.buffer_view(param).copy_(buffer)
+            accumulation.holds_sum.add(param)
+
+    def _load_param_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        loaded: dict[str, Any] = {}
+        for name, value in saved.items():
+            if name in self._flat_state_names and isinstance(value, torch.Tensor):
+                self._check_saved_shape(param, name, value)
+                view = self._accumulation.state_view(param, name)
+                view.copy_(value)
+                loaded[name] = view
+            elif name == "step":
+                loaded[name] = torch.tensor(float(value), dtype=torch.float32)
+            else:
+                loaded[name] = value
+        return loaded
+
+    def _check_saved_shape(self, param: torch.Tensor, name: str, value: torch.Tensor) -> None:
+        if value.shape != param.shape:
+            raise ValueError(
+                f"the saved {name} of {self._describe(param)} has shape "
+                f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}; "
+                f"the state dict belongs to a different model"
+            )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._group_setdefaults().items():
+                group.setdefault(key, value)
+        self.state = defaultdict(dict, self.state)
+
+    def _group_setdefaults(self) -> dict[str, Any]:
+        """Group keys a loaded state dict may lack, with the value to assume."""
+        return {}

@@ -1,0 +1,223 @@
+"""FusedAccumAdam and FusedAccumAdamW: torch.optim.Adam/AdamW with exact fp32
+gradient accumulation. One class holds both; AdamW only changes the default weight
+decay and makes it decoupled."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import torch
+
+from ._optimizer import FusedAccumOptimizer
+from .backends import Backend, StepBatch
+
+_ACCUMULATION_DOC = r"""
+    **Accumulation.** Each parameter has a persistent fp32 accumulation buffer (fp64
+    for fp64 parameters), stored flat per (device, dtype). Every call of :meth:`step` is
+    one micro-step: it adds ``weight * p.grad`` into the buffer, in fp32 whatever the
+    parameter's dtype, and releases ``p.grad`` (sets it to None). Every
+    ``accumulation_steps``-th call applies one update with the window's weighted mean
+    gradient :math:`g = \sum_i w_i g_i / \sum_i w_i` and clears the buffers. With the
+    default ``weight=1`` this is the window's mean gradient, so the loss is *not*
+    divided by ``accumulation_steps``; passing each micro-batch's item or token count as
+    ``weight`` gives the exact large-batch gradient when micro-batches differ in size.
+    A parameter whose ``.grad`` is None in a micro-step contributes zero to it; one with
+    no gradient in the whole window is not updated (its step count does not advance),
+    as torch.optim skips parameters whose grad is None. With ``accumulation_steps=1``
+    (the default) every step() updates and results equal torch.optim's.
+
+    :meth:`flush` applies a partial window (the end of an epoch); :meth:`discard_window`
+    drops it. ``zero_grad()`` only clears ``.grad``, never the buffers.
+
+    Args:
+        params: parameters or param groups, as for torch.optim (also
+            ``(name, parameter)`` pairs).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.Adam/AdamW.
+        foreach, fused: accepted for compatibility and ignored: ``backend`` chooses the
+            implementation.
+        capturable, differentiable: must be False.
+        accumulation_steps: micro-steps per update (>= 1).
+        backend: ``"auto"`` (the best available), or ``"torch"`` (the pure-PyTorch
+            reference).
+        accumulate_in_backward: fold each gradient into its buffer during backward, as
+            soon as autograd produces it, and free it, so the whole model's ``.grad``
+            never exists at once. step() then only counts and applies; give a
+            micro-batch's weight with :meth:`set_weight` before its backward.
+
+    The moments ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are kept in fp32
+    (fp64 for fp64 parameters) whatever the parameter's dtype; the update is computed in
+    fp32 and the parameter rounded once.
+"""
+
+
+def _check_adam_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """torch.optim.Adam's checks, with its messages."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        all(isinstance(beta, float) for beta in betas)
+        or all(isinstance(beta, torch.Tensor) for beta in betas)
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+class FusedAccumAdam(FusedAccumOptimizer):
+    __doc__ = (
+        r"""Adam that owns gradient accumulation. A drop-in replacement for
+    :class:`torch.optim.Adam`: the same arguments, validation, param groups, LR
+    schedulers and state dict. ``decoupled_weight_decay=True`` makes it AdamW.
+    """
+        + _ACCUMULATION_DOC
+    )
+
+    _flat_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        accumulation_steps: int = 1,
+        backend: str = "auto",
+        accumulate_in_backward: bool = False,
+    ) -> None:
+        _check_adam_arguments(lr, betas, eps, weight_decay)
+        if capturable:
+            raise ValueError(
+                f"{type(self).__name__} does not support capturable=True yet; its steps "
+                f"take the learning rate and step count from the host"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(
+            params,
+            defaults,
+            accumulation_steps=accumulation_steps,
+            backend=backend,
+            accumulate_in_backward=accumulate_in_backward,
+        )
+
+    def _group_setdefaults(self) -> dict[str, Any]:
+        return {
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": self.defaults["decoupled_weight_decay"],
+        }
+
+    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = self._new_state_view(param, "exp_avg")
+            state["exp_avg_sq"] = self._new_state_view(param, "exp_avg_sq")
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
+            state["max_exp_avg_sq"] = self._new_state_view(param, "max_exp_avg_sq")
+        return int(state["step"].item())
+
+    def _step_batch(
+        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+    ) -> None:
+        states = [self.state[p] for p in batch.params]
+        beta1, beta2 = group["betas"]
+        backend.adam_step(
+            batch,
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
+            step=state_key + 1,
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+        )
+        for state in states:
+            state["step"] += 1
+
+
+class FusedAccumAdamW(FusedAccumAdam):
+    __doc__ = (
+        r"""AdamW (Adam with decoupled weight decay) that owns gradient accumulation. A
+    drop-in replacement for :class:`torch.optim.AdamW`: the same arguments (weight decay
+    0.01 by default), validation, param groups, LR schedulers and state dict.
+    """
+        + _ACCUMULATION_DOC
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        accumulation_steps: int = 1,
+        backend: str = "auto",
+        accumulate_in_backward: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            accumulation_steps=accumulation_steps,
+            backend=backend,
+            accumulate_in_backward=accumulate_in_backward,
+        )

@@ -1,0 +1,135 @@
+"""The reference backend: the kernel spec in plain PyTorch, one tensor at a time.
+
+It is the oracle every other backend is tested against, and it follows torch.optim's
+single-tensor SGD and Adam operation by operation, so that with fp32 or fp64
+parameters and a one-micro-step window it gives torch.optim's results exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import StepBatch
+
+
+def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
+    buffer = batch.buffers[index]
+    if batch.grads is None:
+        return buffer * batch.normaliser
+    grad = batch.grads[index].to(buffer.dtype)
+    if not batch.use_buffer:
+        return grad * batch.grad_scale
+    return (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
+
+
+def _working_copy(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The parameter in the accumulation dtype: itself when it already is."""
+    return param if param.dtype == dtype else param.to(dtype)
+
+
+def _finish(batch: StepBatch, index: int, working: torch.Tensor) -> None:
+    param = batch.params[index]
+    if working is not param:
+        param.copy_(working)
+    if batch.use_buffer:
+        batch.buffers[index].zero_()
+
+
+class ReferenceBackend:
+    """Plain PyTorch; any device and dtype."""
+
+    name = "torch"
+
+    def accumulate(
+        self,
+        buffers: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        *,
+        scale: float,
+        overwrite: bool,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        for buffer, grad in zip(buffers, grads, strict=True):
+            grad = grad.to(buffer.dtype)
+            if found_inf is not None:
+                nonfinite = torch.isfinite(grad).logical_not_().any()
+                torch.maximum(found_inf, nonfinite.to(found_inf.dtype), out=found_inf)
+            if overwrite:
+                torch.mul(grad, scale, out=buffer)
+            else:
+                buffer.add_(grad, alpha=scale)
+
+    def sgd_step(
+        self,
+        batch: StepBatch,
+        momentum_buffers: list[torch.Tensor] | None,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        maximize: bool,
+        init_momentum: bool,
+    ) -> None:
+        for i, param in enumerate(batch.params):
+            grad = _applied_gradient(batch, i)
+            if maximize:
+                grad = grad.neg_()
+            working = _working_copy(param, grad.dtype)
+            if weight_decay != 0:
+                grad = grad.add(working, alpha=weight_decay)
+            if momentum != 0:
+                momentum_buffer = momentum_buffers[i]
+                if init_momentum:
+                    momentum_buffer.copy_(grad)
+                else:
+                    momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+                if nesterov:
+                    grad = grad.add(momentum_buffer, alpha=momentum)
+                else:
+                    grad = momentum_buffer
+            working.add_(grad, alpha=-lr)
+            _finish(batch, i, working)
+
+    def adam_step(
+        self,
+        batch: StepBatch,
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        max_exp_avg_sqs: list[torch.Tensor] | None,
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled_weight_decay: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+        for i, param in enumerate(batch.params):
+            grad = _applied_gradient(batch, i)
+            if maximize:
+                grad = grad.neg_()
+            working = _working_copy(param, grad.dtype)
+            if weight_decay != 0:
+                if decoupled_weight_decay:
+                    working.mul_(1 - lr * weight_decay)
+                else:
+                    grad = grad.add(working, alpha=weight_decay)
+            exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if amsgrad:
+                second_moment = max_exp_avg_sqs[i]
+                torch.maximum(second_moment, exp_avg_sq, out=second_moment)
+            else:
+                second_moment = exp_avg_sq
+            denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+            working.addcdiv_(exp_avg, denom, value=-step_size)
+            _finish(batch, i, working)

@@ -1,0 +1,94 @@
+"""The kernel spec: the few operations every backend implements, with one meaning.
+
+All arithmetic is done in the accumulation dtype of the buffers (fp32, or fp64 for fp64
+parameters); gradients and parameters are read in their own dtype and converted on
+load, parameters are rounded once on store.
+
+``accumulate(buffers, grads, scale, overwrite, found_inf)``
+    ``buffer = buffer + scale * grad`` for each pair, or ``buffer = scale * grad`` when
+    ``overwrite`` (the first contribution of a window: the buffer is not read). When
+    ``found_inf`` (a one-element fp32 tensor on the buffers' device) is given, it is set
+    to 1 if any gradient element is not finite, and left alone otherwise.
+
+``sgd_step(batch, momentum_buffers, ...)`` and ``adam_step(batch, ...)``
+    Apply one update to each parameter of ``batch`` from its applied gradient
+
+        g = normaliser * buffer  (if batch.use_buffer)  +  grad_scale * grad  (if batch.grads)
+
+    with torch.optim's update math for SGD, Adam or AdamW, update the state in place,
+    and set the buffer to zero when it was used. A batch with ``grads`` is the
+    accumulate-and-step of the window's last micro-step: the fresh gradients are added
+    and applied without the window's sum ever being written to the buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class StepBatch:
+    """Parameters of one (device, dtype) group that share every scalar of an update."""
+
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    """Accumulation views, one per parameter, in the accumulation dtype."""
+    grads: list[torch.Tensor] | None
+    """Fresh gradients of the window's last micro-step, or None."""
+    use_buffer: bool
+    """Whether the buffers hold contributions of this window (else they are zero)."""
+    normaliser: float
+    """Factor on the buffers: 1 / (total weight of the window)."""
+    grad_scale: float
+    """Factor on the fresh gradients: their micro-batch weight / total weight."""
+
+
+class Backend(Protocol):
+    """What every backend provides; the reference backend defines the results."""
+
+    name: str
+
+    def accumulate(
+        self,
+        buffers: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        *,
+        scale: float,
+        overwrite: bool,
+        found_inf: torch.Tensor | None = None,
+    ) -> None: ...
+
+    def sgd_step(
+        self,
+        batch: StepBatch,
+        momentum_buffers: list[torch.Tensor] | None,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        maximize: bool,
+        init_momentum: bool,
+    ) -> None: ...
+
+    def adam_step(
+        self,
+        batch: StepBatch,
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        max_exp_avg_sqs: list[torch.Tensor] | None,
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled_weight_decay: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None: ...

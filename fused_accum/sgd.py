@@ -1,0 +1,148 @@
+"""FusedAccumSGD: torch.optim.SGD with exact fp32 gradient accumulation."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import torch
+
+from ._optimizer import FusedAccumOptimizer
+from .backends import Backend, StepBatch
+
+
+class FusedAccumSGD(FusedAccumOptimizer):
+    r"""Stochastic gradient descent (optionally with momentum) that owns gradient
+    accumulation. A drop-in replacement for :class:`torch.optim.SGD`: the same
+    arguments, validation, param groups, LR schedulers and state dict.
+
+    **Accumulation.** Each parameter has a persistent fp32 accumulation buffer (fp64
+    for fp64 parameters), stored flat per (device, dtype). Every call of :meth:`step` is
+    one micro-step: it adds ``weight * p.grad`` into the buffer, in fp32 whatever the
+    parameter's dtype, and releases ``p.grad`` (sets it to None). Every
+    ``accumulation_steps``-th call applies one update with the window's weighted mean
+    gradient
+
+    .. math::
+        g = \frac{\sum_i w_i g_i}{\sum_i w_i}
+
+    and clears the buffers. With the default ``weight=1`` this is the mean gradient of
+    the window, so the loss is *not* divided by ``accumulation_steps``; passing each
+    micro-batch's item or token count as ``weight`` gives the exact large-batch gradient
+    when micro-batches differ in size. A parameter whose ``.grad`` is None in a
+    micro-step contributes zero to it; one with no gradient in the whole window is not
+    updated at all (as torch.optim skips parameters whose grad is None). With
+    ``accumulation_steps=1`` (the default) every step() updates, and results equal
+    torch.optim.SGD's, so the classic loop that divides the loss by N and calls step()
+    only every N micro-batches works unchanged.
+
+    :meth:`flush` applies a partial window (the end of an epoch); :meth:`discard_window`
+    drops it. ``zero_grad()`` only clears ``.grad``, never the buffers.
+
+    **Update** (torch.optim.SGD's, on the applied gradient g, in fp32, with the
+    parameter rounded once to its dtype):
+
+    .. math::
+        g \leftarrow \pm g + \lambda \theta, \quad
+        b \leftarrow \mu b + (1 - \tau) g \ (b = g \text{ at the first update}), \quad
+        \theta \leftarrow \theta - \gamma (g + \mu b \text{ if nesterov else } b)
+
+    Args:
+        params: parameters or param groups, as for torch.optim.SGD (also
+            ``(name, parameter)`` pairs).
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as torch.optim.SGD.
+        foreach, fused: accepted for compatibility and ignored: ``backend`` chooses the
+            implementation.
+        differentiable: must be False.
+        accumulation_steps: micro-steps per update (>= 1).
+        backend: ``"auto"`` (the best available), or ``"torch"`` (the pure-PyTorch
+            reference).
+        accumulate_in_backward: fold each gradient into its buffer during backward, as
+            soon as autograd produces it, and free it, so the whole model's ``.grad``
+            never exists at once. step() then only counts and applies; give a
+            micro-batch's weight with :meth:`set_weight` before its backward.
+
+    Momentum buffers are kept in fp32 (fp64 for fp64 parameters).
+    """
+
+    _flat_state_names = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        accumulation_steps: int = 1,
+        backend: str = "auto",
+        accumulate_in_backward: bool = False,
+    ) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(
+            params,
+            defaults,
+            accumulation_steps=accumulation_steps,
+            backend=backend,
+            accumulate_in_backward=accumulate_in_backward,
+        )
+
+    def _group_setdefaults(self) -> dict[str, Any]:
+        return {
+            "nesterov": False,
+            "maximize": False,
+            "foreach": None,
+            "differentiable": False,
+            "fused": None,
+        }
+
+    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+        if group["momentum"] == 0:
+            return None
+        state = self.state[param]
+        if state.get("momentum_buffer") is not None:
+            return False
+        state["momentum_buffer"] = self._new_state_view(param, "momentum_buffer")
+        return True
+
+    def _step_batch(
+        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+    ) -> None:
+        momentum = group["momentum"]
+        backend.sgd_step(
+            batch,
+            [self.state[p]["momentum_buffer"] for p in batch.params] if momentum else None,
+            lr=float(group["lr"]),
+            momentum=momentum,
+            dampening=group["dampening"],
+            weight_decay=float(group["weight_decay"]),
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            init_momentum=bool(state_key),
+        )
