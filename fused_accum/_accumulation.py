@@ -74,9 +74,7 @@ class AccumulationState:
             grads.append(grad)
             self.holds_sum.add(param)
         for (device, dtype, first), (buffers, grads) in calls.items():
-            self.backends[(device, dtype)].accumulate(
-                buffers, grads, scale=weight, overwrite=first
-            )
+            self.backends[(device, dtype)].accumulate(buffers, grads, scale=weight, overwrite=first)
 
     def end_window(self) -> None:
         """Forget the window's counters; the buffers must already be zero."""

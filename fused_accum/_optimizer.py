@@ -109,9 +109,7 @@ class FusedAccumOptimizer(Optimizer):
                 continue  # torch.optim raises its own TypeError for these
             where = f"parameter {index} of param group {group_index}"
             if param in seen:
-                raise ValueError(
-                    f"{where} appears twice in the group; pass each parameter once"
-                )
+                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
             seen.add(param)
             if param.is_complex():
                 raise ValueError(
@@ -166,8 +164,7 @@ class FusedAccumOptimizer(Optimizer):
             problem = f"has a gradient of dtype {grad.dtype} but is {param.dtype}"
         elif grad.shape != param.shape:
             problem = (
-                f"has a gradient of shape {tuple(grad.shape)} but has shape "
-                f"{tuple(param.shape)}"
+                f"has a gradient of shape {tuple(grad.shape)} but has shape {tuple(param.shape)}"
             )
         elif grad.device != param.device:
             problem = f"has a gradient on {grad.device} but lives on {param.device}"
@@ -176,9 +173,7 @@ class FusedAccumOptimizer(Optimizer):
 
     def _take_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every present .grad, checked first and only then released (set to None)."""
-        pairs = [
-            (param, param.grad) for param in self._all_params() if param.grad is not None
-        ]
+        pairs = [(param, param.grad) for param in self._all_params() if param.grad is not None]
         for param, grad in pairs:
             self._check_grad(param, grad)
         for param, _ in pairs:
@@ -199,9 +194,7 @@ class FusedAccumOptimizer(Optimizer):
 
         for param in params:
             if param.requires_grad and param not in self._hooks:
-                self._hooks[param] = param.register_post_accumulate_grad_hook(
-                    fold_in_backward
-                )
+                self._hooks[param] = param.register_post_accumulate_grad_hook(fold_in_backward)
 
     # ------------------------------------------------------------------ the window
 

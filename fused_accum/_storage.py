@@ -70,7 +70,5 @@ class FlatGroup:
         """The view of state ``name`` for parameter ``index``; the flat state tensor is
         allocated, zeroed, the first time any parameter of the group asks for it."""
         if name not in self.states:
-            self.states[name] = torch.zeros(
-                self.numel, dtype=self.accum_dtype, device=self.device
-            )
+            self.states[name] = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
         return self.view(self.states[name], index)
