@@ -154,7 +154,14 @@ class FusedAccumOptimizer(Optimizer):
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         problem = None
-        if grad.is_sparse or grad.layout != torch.strided:
+        group, _ = self._accumulation.slots[param]
+        if (param.device, param.dtype) != (group.device, group.param_dtype):
+            problem = (
+                f"is now {param.dtype} on {param.device} but was {group.param_dtype} on "
+                f"{group.device} when the optimizer took it; create the optimizer after "
+                f"moving or casting the model"
+            )
+        elif grad.is_sparse or grad.layout != torch.strided:
             problem = (
                 f"has a sparse gradient ({grad.layout}); fused_accum accumulates dense "
                 f"gradients only: build the embedding with sparse=False, or use "
