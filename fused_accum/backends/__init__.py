@@ -26,11 +26,38 @@ def check_backend_name(name: str) -> None:
         )
 
 
+_TRITON: Backend | None = None
+
+
+def _triton_backend() -> Backend:
+    global _TRITON
+    if _TRITON is None:
+        from .triton_backend import TritonBackend
+
+        _TRITON = TritonBackend()
+    return _TRITON
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs the group of parameters of ``dtype`` on ``device``."""
+    """The backend that runs the group of parameters of ``dtype`` on ``device``:
+    ``auto`` takes Triton on CUDA when it works and the reference otherwise."""
     check_backend_name(name)
-    if name in ("auto", "torch"):
+    if name == "torch":
         return _REFERENCE
+    from .triton_backend import unavailable_reason
+
+    if name == "auto":
+        if device.type == "cuda" and unavailable_reason(device) is None:
+            return _triton_backend()
+        return _REFERENCE
+    if name == "triton":
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(
+                f"backend='triton' cannot run the {dtype} parameters on {device}: {reason}; "
+                f"use backend='auto' to fall back to the reference backend"
+            )
+        return _triton_backend()
     raise ValueError(
         f"backend={name!r} is not available in this version of fused_accum "
         f"(requested for {dtype} parameters on {device}); use backend='torch' or 'auto'"

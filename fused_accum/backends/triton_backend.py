@@ -1,0 +1,315 @@
+"""The Triton backend: host side of triton_kernels.py.
+
+Each spec call becomes one kernel launch, whatever the number of tensors: the launch
+covers every block of every tensor through block tables built once per tensor layout.
+On a GPU, gradients and parameters are reached through int64 address tables; under
+the Triton interpreter (CPU tensors, tests) addresses cannot be loaded from memory, so
+the operands are staged into one flat copy laid out like the buffers, and the
+parameters are copied back after the launch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .spec import StepBatch
+
+BLOCK = 1024
+_INTERPRETER_BLOCK = 128  # the interpreter runs a block as numpy arrays: keep them small
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device``, or None if it can."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # an ImportError, or a broken install failing otherwise
+        return f"triton cannot be imported ({type(error).__name__}: {error})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_active():
+            return None
+        return (
+            "Triton runs on CUDA tensors, and on CPU tensors only under the Triton "
+            "interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+        )
+    return f"Triton does not run on {device.type} tensors"
+
+
+class _Layout:
+    """Block tables of one call: which tensor and element each program starts at."""
+
+    def __init__(self, flat_offsets: list[int], numels: list[int], device: torch.device):
+        block = _INTERPRETER_BLOCK if interpreter_active() else BLOCK
+        counts = [-(-numel // block) for numel in numels]
+        tensor_of_block, start_of_block = [], []
+        for tensor, count in enumerate(counts):
+            tensor_of_block += [tensor] * count
+            start_of_block += range(0, count * block, block)
+        self.block = block
+        self.num_blocks = len(tensor_of_block)
+        self.block_tensor = torch.tensor(tensor_of_block, dtype=torch.int32, device=device)
+        self.block_start = torch.tensor(start_of_block, dtype=torch.int64, device=device)
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.flat_offsets = torch.tensor(flat_offsets, dtype=torch.int64, device=device)
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return self.block_tensor, self.block_start, self.numels, self.flat_offsets
+
+
+def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The whole flat tensor behind views made by _storage.FlatGroup; with ``like``,
+    also check that the views sit where those of ``like`` do (the kernels index
+    buffers and state with one set of offsets)."""
+    storage = views[0].untyped_storage()
+    numel = storage.nbytes() // views[0].element_size()
+    for index, view in enumerate(views):
+        if view.untyped_storage().data_ptr() != storage.data_ptr() or (
+            like is not None and view.storage_offset() != like[index].storage_offset()
+        ):
+            raise AssertionError("the Triton backend needs views laid out by FlatGroup")
+    return views[0].as_strided((numel,), (1,), 0)
+
+
+def _in_layout(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when its memory order is the flat view's, else a copy that is."""
+    if tensor.stride() == view.stride() or tensor.numel() <= 1:
+        return tensor
+    return torch.empty_strided(
+        view.shape, view.stride(), dtype=tensor.dtype, device=tensor.device
+    ).copy_(tensor)
+
+
+class _Operand:
+    """Gradients or parameters as the kernels reach them: an address table (GPU) or a
+    flat staged copy (interpreter); ``write_back`` returns a staged copy's values."""
+
+    def __init__(
+        self,
+        tensors: list[torch.Tensor],
+        views: list[torch.Tensor],
+        base_numel: int,
+        layout: _Layout,
+        pointer_table: bool,
+    ):
+        self.tensors = tensors
+        self.in_layout = [_in_layout(t, v) for t, v in zip(tensors, views, strict=True)]
+        self.views = views
+        self.pointer_table = pointer_table
+        if pointer_table:
+            addresses = [t.data_ptr() for t in self.in_layout]
+            self.base = torch.tensor(addresses, dtype=torch.int64, device=tensors[0].device)
+            self.offsets = layout.flat_offsets  # unused by the kernel
+        else:
+            self.base = torch.zeros(base_numel, dtype=tensors[0].dtype, device=tensors[0].device)
+            self.offsets = layout.flat_offsets
+            for view, tensor in zip(views, self.in_layout, strict=True):
+                self.base.as_strided(view.shape, view.stride(), view.storage_offset()).copy_(tensor)
+
+    def write_back(self) -> None:
+        for tensor, staged, view in zip(self.tensors, self.in_layout, self.views, strict=True):
+            if not self.pointer_table:
+                staged.copy_(self.base.as_strided(view.shape, view.stride(), view.storage_offset()))
+            if staged is not tensor:
+                tensor.copy_(staged)
+
+
+_TL_DTYPES: dict[torch.dtype, object] = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    if not _TL_DTYPES:
+        import triton.language as tl
+
+        _TL_DTYPES.update(
+            {
+                torch.float32: tl.float32,
+                torch.float64: tl.float64,
+                torch.bfloat16: tl.bfloat16,
+                torch.float16: tl.float16,
+            }
+        )
+    return _TL_DTYPES[dtype]
+
+
+class TritonBackend:
+    """Fused Triton kernels: one launch per call."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from . import triton_kernels
+
+        self._kernels = triton_kernels
+        self._layouts: dict[tuple, _Layout] = {}
+        self.launches = 0  # kernel launches so far; read by tests
+
+    def _layout(self, buffers: list[torch.Tensor]) -> _Layout:
+        flat_offsets = [b.storage_offset() for b in buffers]
+        numels = [b.numel() for b in buffers]
+        key = (buffers[0].device, tuple(flat_offsets), tuple(numels))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _Layout(flat_offsets, numels, buffers[0].device)
+        return layout
+
+    def _operand(self, tensors, buffers, base: torch.Tensor, layout: _Layout) -> _Operand:
+        return _Operand(
+            tensors, buffers, base.numel(), layout, pointer_table=not interpreter_active()
+        )
+
+    def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
+        if layout.num_blocks == 0:
+            return
+        kernel[(layout.num_blocks,)](*args, BLOCK=layout.block, **constexprs)
+        self.launches += 1
+
+    def accumulate(
+        self,
+        buffers: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        *,
+        scale: float,
+        overwrite: bool,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        if not buffers:
+            return
+        base = _flat_base(buffers)
+        layout = self._layout(buffers)
+        grad_operand = self._operand(grads, buffers, base, layout)
+        self._launch(
+            self._kernels.accumulate_kernel,
+            layout,
+            base,
+            grad_operand.base,
+            grad_operand.offsets,
+            base if found_inf is None else found_inf,
+            *layout.args(),
+            float(scale),
+            GRAD_DTYPE=_tl_dtype(grads[0].dtype),
+            POINTER_TABLE=grad_operand.pointer_table,
+            OVERWRITE=overwrite,
+            CHECK_FINITE=found_inf is not None,
+        )
+
+    def _step_operands(self, batch: StepBatch):
+        base = _flat_base(batch.buffers)
+        layout = self._layout(batch.buffers)
+        params = self._operand(batch.params, batch.buffers, base, layout)
+        grads = (
+            params
+            if batch.grads is None
+            else self._operand(batch.grads, batch.buffers, base, layout)
+        )
+        return base, layout, params, grads
+
+    def _common_constexprs(self, batch: StepBatch, params: _Operand, grads: _Operand) -> dict:
+        return dict(
+            PARAM_DTYPE=_tl_dtype(batch.params[0].dtype),
+            GRAD_DTYPE=_tl_dtype((batch.grads or batch.params)[0].dtype),
+            POINTER_TABLE=params.pointer_table,
+            USE_BUFFER=batch.use_buffer,
+            HAS_GRADS=batch.grads is not None,
+        )
+
+    def sgd_step(
+        self,
+        batch: StepBatch,
+        momentum_buffers: list[torch.Tensor] | None,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        maximize: bool,
+        init_momentum: bool,
+    ) -> None:
+        if not batch.params:
+            return
+        base, layout, params, grads = self._step_operands(batch)
+        momentum_base = (
+            base if momentum_buffers is None else _flat_base(momentum_buffers, batch.buffers)
+        )
+        self._launch(
+            self._kernels.sgd_kernel,
+            layout,
+            params.base,
+            params.offsets,
+            base,
+            grads.base,
+            grads.offsets,
+            momentum_base,
+            *layout.args(),
+            float(batch.normaliser),
+            float(batch.grad_scale),
+            float(lr),
+            float(momentum),
+            float(1 - dampening),
+            float(weight_decay),
+            **self._common_constexprs(batch, params, grads),
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            HAS_MOMENTUM=momentum != 0,
+            INIT_MOMENTUM=init_momentum,
+            NESTEROV=nesterov,
+            MAXIMIZE=maximize,
+        )
+        params.write_back()
+
+    def adam_step(
+        self,
+        batch: StepBatch,
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        max_exp_avg_sqs: list[torch.Tensor] | None,
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled_weight_decay: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        if not batch.params:
+            return
+        base, layout, params, grads = self._step_operands(batch)
+        exp_avg_base = _flat_base(exp_avgs, batch.buffers)
+        self._launch(
+            self._kernels.adam_kernel,
+            layout,
+            params.base,
+            params.offsets,
+            base,
+            grads.base,
+            grads.offsets,
+            exp_avg_base,
+            _flat_base(exp_avg_sqs, batch.buffers),
+            exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
+            *layout.args(),
+            float(batch.normaliser),
+            float(batch.grad_scale),
+            float(1 - beta1),
+            float(beta2),
+            float(1 - beta2),
+            float(eps),
+            float(weight_decay),
+            float(1 - lr * weight_decay),
+            float(lr / (1 - beta1**step)),
+            float((1 - beta2**step) ** 0.5),
+            **self._common_constexprs(batch, params, grads),
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            DECOUPLED=decoupled_weight_decay,
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+        )
+        params.write_back()

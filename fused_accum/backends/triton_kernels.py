@@ -1,0 +1,273 @@
+"""Triton kernels of the kernel spec (see spec.py), one launch per call however many
+tensors it covers.
+
+Every program handles one block of one tensor, found through two small tables
+(``block_tensor``, ``block_start``). Buffers and optimizer state are flat: tensor ``t``
+starts at ``flat_offsets[t]``. Gradients and parameters live where autograd and the
+model put them, so they are reached in one of two ways, chosen by ``POINTER_TABLE``:
+
+- a table of int64 addresses, one per tensor (GPU; the Triton interpreter cannot
+  dereference an address loaded from memory);
+- a base tensor plus a per-tensor element offset (a single tensor, or tensors staged
+  into one flat copy, as under the interpreter).
+
+All arithmetic is in the buffer's dtype (fp32, or fp64 for fp64 parameters); every
+offset is int64, so tensors past 2**31 elements work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter truncates fp32 -> bf16 instead of rounding to nearest even, as GPUs
+# do; under it the kernels round by hand so that CI sees GPU results.
+_ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _block(
+    block_tensor,  # int32 [blocks]: the tensor each program works on
+    block_start,  # int64 [blocks]: first element of the program's block in that tensor
+    numels,  # int64 [tensors]: elements of each tensor
+    flat_offsets,  # int64 [tensors]: where each tensor starts in the flat buffers
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensor + pid)
+    local = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = local < tl.load(numels + tensor)
+    flat = tl.load(flat_offsets + tensor) + local
+    return tensor, local, flat, mask
+
+
+@triton.jit
+def _address(
+    operand,  # int64 address table, or base tensor
+    operand_offsets,  # int64 [tensors]: element offset of each tensor from the base
+    tensor,
+    local,
+    DTYPE: tl.constexpr,
+    POINTER_TABLE: tl.constexpr,
+):
+    if POINTER_TABLE:
+        return tl.load(operand + tensor).to(tl.pointer_type(DTYPE)) + local
+    else:
+        return operand + tl.load(operand_offsets + tensor) + local
+
+
+@triton.jit
+def _to_param_dtype(x, DTYPE: tl.constexpr):
+    """Round fp32 (or fp64) to the parameter dtype, to nearest even."""
+    if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _sqrt_rn(x):
+    """Round-to-nearest square root, as torch computes it (tl.sqrt may approximate
+    in fp32; in fp64 it is exact)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _div_rn(x, y):
+    """Round-to-nearest division, as torch computes it."""
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
+def _applied_gradient(
+    buffer_ptr,
+    grads,
+    grad_offsets,
+    tensor,
+    local,
+    flat,
+    mask,
+    normaliser,
+    grad_scale,
+    GRAD_DTYPE: tl.constexpr,
+    POINTER_TABLE: tl.constexpr,
+    USE_BUFFER: tl.constexpr,
+    HAS_GRADS: tl.constexpr,
+):
+    """normaliser * buffer (if USE_BUFFER) + grad_scale * grad (if HAS_GRADS); the
+    host never asks for neither."""
+    if HAS_GRADS:
+        address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
+        grad = tl.load(address, mask=mask, other=0.0).to(buffer_ptr.dtype.element_ty)
+    if USE_BUFFER:
+        gradient = tl.load(buffer_ptr + flat, mask=mask, other=0.0) * normaliser
+        if HAS_GRADS:
+            gradient += grad * grad_scale
+    else:
+        gradient = grad * grad_scale
+    return gradient
+
+
+@triton.jit
+def accumulate_kernel(
+    buffer_ptr,  # flat accumulation buffer of the group (fp32 or fp64)
+    grads,  # gradients: address table or base tensor
+    grad_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
+    block_tensor,  # int32 [blocks]
+    block_start,  # int64 [blocks]
+    numels,  # int64 [tensors]
+    flat_offsets,  # int64 [tensors]
+    scale,  # weight of this micro-batch
+    GRAD_DTYPE: tl.constexpr,  # element type of the gradients
+    POINTER_TABLE: tl.constexpr,  # grads is an address table
+    OVERWRITE: tl.constexpr,  # first contribution of the window: do not read the buffer
+    CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
+    BLOCK: tl.constexpr,  # elements per program
+):
+    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
+    address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
+    grad = tl.load(address, mask=mask, other=0.0).to(buffer_ptr.dtype.element_ty)
+    if CHECK_FINITE:
+        nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
+        if tl.max(nonfinite.to(tl.int32), axis=0) > 0:
+            tl.store(found_inf_ptr, 1.0)
+    contribution = grad * scale
+    if not OVERWRITE:
+        contribution += tl.load(buffer_ptr + flat, mask=mask)
+    tl.store(buffer_ptr + flat, contribution, mask=mask)
+
+
+@triton.jit
+def sgd_kernel(
+    params,  # parameters: address table or base tensor
+    param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    buffer_ptr,  # flat accumulation buffer (zeroed where used)
+    grads,  # fresh gradients of the last micro-step: address table or base tensor
+    grad_offsets,  # int64 [tensors]
+    momentum_ptr,  # flat momentum buffers
+    block_tensor,  # int32 [blocks]
+    block_start,  # int64 [blocks]
+    numels,  # int64 [tensors]
+    flat_offsets,  # int64 [tensors]
+    normaliser,  # 1 / window weight
+    grad_scale,  # weight of the fresh gradients / window weight
+    lr,  # learning rate
+    momentum,  # momentum factor
+    one_minus_dampening,  # 1 - dampening of the momentum
+    weight_decay,  # L2 penalty
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    POINTER_TABLE: tl.constexpr,
+    USE_BUFFER: tl.constexpr,
+    HAS_GRADS: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    INIT_MOMENTUM: tl.constexpr,  # first update: the momentum buffer becomes the gradient
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
+    gradient = _applied_gradient(
+        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
+        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+    )  # fmt: skip
+    if MAXIMIZE:
+        gradient = -gradient
+    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
+    param = tl.load(param_address, mask=mask).to(buffer_ptr.dtype.element_ty)
+    if HAS_WEIGHT_DECAY:
+        gradient += weight_decay * param
+    if HAS_MOMENTUM:
+        if INIT_MOMENTUM:
+            velocity = gradient
+        else:
+            velocity = tl.load(momentum_ptr + flat, mask=mask)
+            velocity = velocity * momentum + one_minus_dampening * gradient
+        tl.store(momentum_ptr + flat, velocity, mask=mask)
+        if NESTEROV:
+            gradient += momentum * velocity
+        else:
+            gradient = velocity
+    param -= lr * gradient
+    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    if USE_BUFFER:
+        tl.store(buffer_ptr + flat, 0.0, mask=mask)
+
+
+@triton.jit
+def adam_kernel(
+    params,  # parameters: address table or base tensor
+    param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    buffer_ptr,  # flat accumulation buffer (zeroed where used)
+    grads,  # fresh gradients of the last micro-step: address table or base tensor
+    grad_offsets,  # int64 [tensors]
+    exp_avg_ptr,  # flat first moments
+    exp_avg_sq_ptr,  # flat second moments
+    max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
+    block_tensor,  # int32 [blocks]
+    block_start,  # int64 [blocks]
+    numels,  # int64 [tensors]
+    flat_offsets,  # int64 [tensors]
+    normaliser,  # 1 / window weight
+    grad_scale,  # weight of the fresh gradients / window weight
+    one_minus_beta1,  # 1 - beta1: weight of the gradient in the first moment
+    beta2,  # second-moment decay
+    one_minus_beta2,  # 1 - beta2
+    eps,  # added to the denominator
+    weight_decay,  # L2 penalty (coupled Adam)
+    decay_factor,  # 1 - lr * weight_decay (decoupled AdamW)
+    step_size,  # lr / (1 - beta1**step)
+    bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    POINTER_TABLE: tl.constexpr,
+    USE_BUFFER: tl.constexpr,
+    HAS_GRADS: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
+    gradient = _applied_gradient(
+        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
+        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+    )  # fmt: skip
+    if MAXIMIZE:
+        gradient = -gradient
+    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
+    param = tl.load(param_address, mask=mask).to(buffer_ptr.dtype.element_ty)
+    if HAS_WEIGHT_DECAY:
+        if DECOUPLED:
+            param *= decay_factor
+        else:
+            gradient += weight_decay * param
+    exp_avg = tl.load(exp_avg_ptr + flat, mask=mask)
+    exp_avg += one_minus_beta1 * (gradient - exp_avg)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + flat, mask=mask)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * gradient * gradient
+    second_moment = exp_avg_sq
+    if AMSGRAD:
+        second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + flat, mask=mask), exp_avg_sq)
+        tl.store(max_exp_avg_sq_ptr + flat, second_moment, mask=mask)
+    denominator = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    param -= step_size * _div_rn(exp_avg, denominator)
+    tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
+    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    if USE_BUFFER:
+        tl.store(buffer_ptr + flat, 0.0, mask=mask)
