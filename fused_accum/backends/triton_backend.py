@@ -78,12 +78,13 @@ def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor] | None = None
 
 
 def _in_layout(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself when its memory order is the flat view's, else a copy that is."""
-    if tensor.stride() == view.stride() or tensor.numel() <= 1:
+    """``tensor`` itself when its memory order is the flat view's and its address is
+    16-byte aligned (the kernels promise both to the compiler), else such a copy."""
+    same_order = tensor.stride() == view.stride() or tensor.numel() <= 1
+    if same_order and tensor.data_ptr() % 16 == 0:
         return tensor
-    return torch.empty_strided(
-        view.shape, view.stride(), dtype=tensor.dtype, device=tensor.device
-    ).copy_(tensor)
+    copy = torch.empty_strided(view.shape, view.stride(), dtype=tensor.dtype, device=tensor.device)
+    return copy.copy_(tensor)
 
 
 class _Operand:

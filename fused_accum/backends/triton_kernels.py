@@ -3,16 +3,19 @@ tensors it covers.
 
 Every program handles one block of one tensor, found through two small tables
 (``block_tensor``, ``block_start``). Buffers and optimizer state are flat: tensor ``t``
-starts at ``flat_offsets[t]``. Gradients and parameters live where autograd and the
-model put them, so they are reached in one of two ways, chosen by ``POINTER_TABLE``:
+starts at ``flat_offsets[t]``, a multiple of 16 elements. Gradients and parameters
+live where autograd and the model put them, so they are reached in one of two ways,
+chosen by ``POINTER_TABLE``:
 
-- a table of int64 addresses, one per tensor (GPU; the Triton interpreter cannot
-  dereference an address loaded from memory);
-- a base tensor plus a per-tensor element offset (a single tensor, or tensors staged
-  into one flat copy, as under the interpreter).
+- a table of int64 addresses, one per tensor, each 16-byte aligned (GPU; the Triton
+  interpreter cannot dereference an address loaded from memory);
+- a base tensor plus a per-tensor element offset (tensors staged into one flat copy
+  laid out like the buffers, as under the interpreter).
 
-All arithmetic is in the buffer's dtype (fp32, or fp64 for fp64 parameters); every
-offset is int64, so tensors past 2**31 elements work.
+A block that lies wholly inside its tensor runs unmasked, so that with the alignment
+hints its loads and stores are vectorised; only a tensor's last block is masked.
+Arithmetic is in the buffer's dtype (fp32, or fp64 for fp64 parameters), every offset
+is int64 (tensors past 2**31 elements work), hyperparameters are runtime arguments.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import triton.language as tl
 # The interpreter truncates fp32 -> bf16 instead of rounding to nearest even, as GPUs
 # do; under it the kernels round by hand so that CI sees GPU results.
 _ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_ALIGNMENT = tl.constexpr(16)  # elements between flat offsets; bytes of every address
+
+
+# ----------------------------------------------------------------------- addressing
 
 
 @triton.jit
@@ -35,12 +42,15 @@ def _block(
     flat_offsets,  # int64 [tensors]: where each tensor starts in the flat buffers
     BLOCK: tl.constexpr,
 ):
+    """(tensor, element indices in it, indices in the flat buffers, its numel, and
+    whether the block is whole)."""
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor + pid)
-    local = tl.load(block_start + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = local < tl.load(numels + tensor)
-    flat = tl.load(flat_offsets + tensor) + local
-    return tensor, local, flat, mask
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+    numel = tl.load(numels + tensor)
+    local = start + tl.arange(0, BLOCK).to(tl.int64)
+    flat = tl.multiple_of(tl.load(flat_offsets + tensor), _ALIGNMENT) + local
+    return tensor, local, flat, numel, start + BLOCK <= numel
 
 
 @triton.jit
@@ -53,9 +63,21 @@ def _address(
     POINTER_TABLE: tl.constexpr,
 ):
     if POINTER_TABLE:
-        return tl.load(operand + tensor).to(tl.pointer_type(DTYPE)) + local
+        base = tl.multiple_of(tl.load(operand + tensor).to(tl.pointer_type(DTYPE)), _ALIGNMENT)
+        return base + local
     else:
-        return operand + tl.load(operand_offsets + tensor) + local
+        return operand + tl.multiple_of(tl.load(operand_offsets + tensor), _ALIGNMENT) + local
+
+
+@triton.jit
+def _load(pointer, mask):
+    if mask is None:
+        return tl.load(pointer)
+    else:
+        return tl.load(pointer, mask=mask, other=0.0)
+
+
+# --------------------------------------------------------------------------- math
 
 
 @triton.jit
@@ -109,14 +131,35 @@ def _applied_gradient(
     host never asks for neither."""
     if HAS_GRADS:
         address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
-        grad = tl.load(address, mask=mask, other=0.0).to(buffer_ptr.dtype.element_ty)
+        grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
     if USE_BUFFER:
-        gradient = tl.load(buffer_ptr + flat, mask=mask, other=0.0) * normaliser
+        gradient = _load(buffer_ptr + flat, mask) * normaliser
         if HAS_GRADS:
             gradient += grad * grad_scale
     else:
         gradient = grad * grad_scale
     return gradient
+
+
+# ------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _accumulate_block(
+    buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, mask, scale,
+    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, OVERWRITE: tl.constexpr,
+    CHECK_FINITE: tl.constexpr,
+):  # fmt: skip
+    address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
+    grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
+    if CHECK_FINITE:
+        nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
+        if tl.max(nonfinite.to(tl.int32), axis=0) > 0:
+            tl.store(found_inf_ptr, 1.0)
+    contribution = grad * scale
+    if not OVERWRITE:
+        contribution += _load(buffer_ptr + flat, mask)
+    tl.store(buffer_ptr + flat, contribution, mask=mask)
 
 
 @triton.jit
@@ -136,17 +179,55 @@ def accumulate_kernel(
     CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
     BLOCK: tl.constexpr,  # elements per program
 ):
-    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
-    address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
-    grad = tl.load(address, mask=mask, other=0.0).to(buffer_ptr.dtype.element_ty)
-    if CHECK_FINITE:
-        nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
-        if tl.max(nonfinite.to(tl.int32), axis=0) > 0:
-            tl.store(found_inf_ptr, 1.0)
-    contribution = grad * scale
-    if not OVERWRITE:
-        contribution += tl.load(buffer_ptr + flat, mask=mask)
-    tl.store(buffer_ptr + flat, contribution, mask=mask)
+    tensor, local, flat, numel, whole = _block(
+        block_tensor, block_start, numels, flat_offsets, BLOCK
+    )
+    if whole:
+        _accumulate_block(
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, None, scale,
+            GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+        )  # fmt: skip
+    else:
+        _accumulate_block(
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, local < numel,
+            scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _sgd_block(
+    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
+    flat, mask, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
+    USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    gradient = _applied_gradient(
+        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
+        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+    )  # fmt: skip
+    if MAXIMIZE:
+        gradient = -gradient
+    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
+    param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
+    if HAS_WEIGHT_DECAY:
+        gradient += weight_decay * param
+    if HAS_MOMENTUM:
+        if INIT_MOMENTUM:
+            velocity = gradient
+        else:
+            velocity = _load(momentum_ptr + flat, mask)
+            velocity = velocity * momentum + one_minus_dampening * gradient
+        tl.store(momentum_ptr + flat, velocity, mask=mask)
+        if NESTEROV:
+            gradient += momentum * velocity
+        else:
+            gradient = velocity
+    param -= lr * gradient
+    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    if USE_BUFFER:
+        tl.store(buffer_ptr + flat, tl.zeros_like(gradient), mask=mask)
 
 
 @triton.jit
@@ -179,7 +260,35 @@ def sgd_kernel(
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
+    tensor, local, flat, numel, whole = _block(
+        block_tensor, block_start, numels, flat_offsets, BLOCK
+    )
+    if whole:
+        _sgd_block(
+            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
+            flat, None, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+            PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY,
+            HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
+        )  # fmt: skip
+    else:
+        _sgd_block(
+            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
+            flat, local < numel, normaliser, grad_scale, lr, momentum, one_minus_dampening,
+            weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+            HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _adam_block(
+    params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+    max_exp_avg_sq_ptr, tensor, local, flat, mask, normaliser, grad_scale, one_minus_beta1,
+    beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+    bias_correction2_sqrt, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):  # fmt: skip
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
         GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
@@ -187,24 +296,27 @@ def sgd_kernel(
     if MAXIMIZE:
         gradient = -gradient
     param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
-    param = tl.load(param_address, mask=mask).to(buffer_ptr.dtype.element_ty)
+    param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
     if HAS_WEIGHT_DECAY:
-        gradient += weight_decay * param
-    if HAS_MOMENTUM:
-        if INIT_MOMENTUM:
-            velocity = gradient
+        if DECOUPLED:
+            param *= decay_factor
         else:
-            velocity = tl.load(momentum_ptr + flat, mask=mask)
-            velocity = velocity * momentum + one_minus_dampening * gradient
-        tl.store(momentum_ptr + flat, velocity, mask=mask)
-        if NESTEROV:
-            gradient += momentum * velocity
-        else:
-            gradient = velocity
-    param -= lr * gradient
+            gradient += weight_decay * param
+    exp_avg = _load(exp_avg_ptr + flat, mask)
+    exp_avg += one_minus_beta1 * (gradient - exp_avg)
+    exp_avg_sq = _load(exp_avg_sq_ptr + flat, mask)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * gradient * gradient
+    second_moment = exp_avg_sq
+    if AMSGRAD:
+        second_moment = tl.maximum(_load(max_exp_avg_sq_ptr + flat, mask), exp_avg_sq)
+        tl.store(max_exp_avg_sq_ptr + flat, second_moment, mask=mask)
+    denominator = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    param -= step_size * _div_rn(exp_avg, denominator)
+    tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
     if USE_BUFFER:
-        tl.store(buffer_ptr + flat, 0.0, mask=mask)
+        tl.store(buffer_ptr + flat, tl.zeros_like(gradient), mask=mask)
 
 
 @triton.jit
@@ -242,32 +354,22 @@ def adam_kernel(
     MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    tensor, local, flat, mask = _block(block_tensor, block_start, numels, flat_offsets, BLOCK)
-    gradient = _applied_gradient(
-        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
-        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-    )  # fmt: skip
-    if MAXIMIZE:
-        gradient = -gradient
-    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
-    param = tl.load(param_address, mask=mask).to(buffer_ptr.dtype.element_ty)
-    if HAS_WEIGHT_DECAY:
-        if DECOUPLED:
-            param *= decay_factor
-        else:
-            gradient += weight_decay * param
-    exp_avg = tl.load(exp_avg_ptr + flat, mask=mask)
-    exp_avg += one_minus_beta1 * (gradient - exp_avg)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + flat, mask=mask)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * gradient * gradient
-    second_moment = exp_avg_sq
-    if AMSGRAD:
-        second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + flat, mask=mask), exp_avg_sq)
-        tl.store(max_exp_avg_sq_ptr + flat, second_moment, mask=mask)
-    denominator = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt) + eps
-    param -= step_size * _div_rn(exp_avg, denominator)
-    tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
-    tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
-    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
-    if USE_BUFFER:
-        tl.store(buffer_ptr + flat, 0.0, mask=mask)
+    tensor, local, flat, numel, whole = _block(
+        block_tensor, block_start, numels, flat_offsets, BLOCK
+    )
+    if whole:
+        _adam_block(
+            params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+            max_exp_avg_sq_ptr, tensor, local, flat, None, normaliser, grad_scale,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+            bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+        )  # fmt: skip
+    else:
+        _adam_block(
+            params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+            max_exp_avg_sq_ptr, tensor, local, flat, local < numel, normaliser, grad_scale,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+            bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+        )  # fmt: skip

@@ -1,0 +1,194 @@
+"""Spec cases shared by the tests of every backend: the same inputs go through the
+backend under test and through the reference, on flat storage laid out by FlatGroup,
+and every output is compared. Inputs are random (never zeros); the alignment padding
+between tensors is poisoned with NaN and must stay untouched."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from fused_accum._storage import FlatGroup
+from fused_accum.backends.reference import ReferenceBackend
+from fused_accum.backends.spec import StepBatch
+
+REFERENCE = ReferenceBackend()
+
+# (atol, rtol) per dtype of an output
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-5),
+    torch.bfloat16: (0.0, 2**-7),  # one ulp
+    torch.float16: (1e-5, 2**-10),  # one ulp
+}
+
+SGD_FLAGS = [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
+    dict(momentum=0.9, dampening=0.25, weight_decay=0.01, nesterov=False, maximize=True),
+    dict(momentum=0.8, dampening=0.0, weight_decay=0.02, nesterov=True, maximize=False),
+]
+ADAM_FLAGS = [
+    dict(weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False),
+    dict(weight_decay=0.1, decoupled_weight_decay=False, amsgrad=True, maximize=False),
+    dict(weight_decay=0.1, decoupled_weight_decay=True, amsgrad=False, maximize=True),
+    dict(weight_decay=0.05, decoupled_weight_decay=True, amsgrad=True, maximize=False),
+]
+# (use_buffer, has_grads): step from the buffer, accumulate-and-step, first-and-last
+BATCH_KINDS = [(True, False), (True, True), (False, True)]
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    atol, rtol = TOLERANCES[expected.dtype]
+    assert actual.dtype == expected.dtype, what
+    close = torch.isclose(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True)
+    if not bool(close.all()):
+        bad = (~close).flatten().nonzero().flatten()
+        where = bad[:5].tolist()
+        raise AssertionError(
+            f"{what}: {bad.numel()} of {close.numel()} elements differ, first at {where}: "
+            f"{actual.flatten()[where].tolist()} vs {expected.flatten()[where].tolist()}"
+        )
+
+
+class Case:
+    """Parameters of one dtype with their flat group, buffers and state filled with
+    random values, and a twin for the reference."""
+
+    def __init__(self, shapes, param_dtype, device="cpu", state_names=()):
+        self.params = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+        self.group = FlatGroup(torch.device(device), param_dtype)
+        self.group.add(self.params)
+        self.group.buffer.fill_(math.nan)  # the padding stays NaN; slices get values
+        for name in state_names:
+            self.group.state_view(name, 0)
+            self.group.states[name].fill_(math.nan)
+        for index in range(len(self.params)):
+            self.group.buffer_view(index).normal_()
+            for name in state_names:
+                view = self.group.state_view(name, index)
+                view.normal_()
+                if "sq" in name:
+                    view.abs_()
+
+    def twin(self) -> Case:
+        twin = object.__new__(Case)
+        twin.params = [p.clone() for p in self.params]
+        twin.group = FlatGroup(self.group.device, self.group.param_dtype)
+        twin.group.add(twin.params)
+        twin.group.buffer.copy_(self.group.buffer)
+        for name, flat in self.group.states.items():
+            twin.group.states[name] = flat.clone()
+        return twin
+
+    def buffers(self):
+        return [self.group.buffer_view(i) for i in range(len(self.params))]
+
+    def states(self, name):
+        return [self.group.state_view(name, i) for i in range(len(self.params))]
+
+    def batch(self, use_buffer, grads, normaliser=0.25, grad_scale=0.5):
+        if not use_buffer:
+            for buffer in self.buffers():
+                buffer.zero_()
+        return StepBatch(
+            params=self.params,
+            buffers=self.buffers(),
+            grads=grads,
+            use_buffer=use_buffer,
+            normaliser=normaliser,
+            grad_scale=grad_scale,
+        )
+
+    def assert_matches(self, reference: Case) -> None:
+        for index, (param, expected) in enumerate(zip(self.params, reference.params, strict=True)):
+            assert_same(param, expected, f"parameter {index}")
+        assert_same(self.group.buffer, reference.group.buffer, "flat buffer")
+        for name, flat in self.group.states.items():
+            assert_same(flat, reference.group.states[name], f"flat {name}")
+
+
+def run_accumulate(backend, shapes, param_dtype, overwrite, device="cpu"):
+    case = Case(shapes, param_dtype, device)
+    reference = case.twin()
+    grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+    found_inf = torch.zeros(1, device=device)
+    backend.accumulate(case.buffers(), grads, scale=0.75, overwrite=overwrite, found_inf=found_inf)
+    REFERENCE.accumulate(reference.buffers(), grads, scale=0.75, overwrite=overwrite)
+    case.assert_matches(reference)
+    assert found_inf.item() == 0.0
+
+
+def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu"):
+    """One non-finite element, at the start, middle or end of the largest gradient."""
+    case = Case(shapes, param_dtype, device)
+    grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+    largest = max(range(len(grads)), key=lambda i: grads[i].numel())
+    flat = grads[largest].view(-1)
+    flat[{"first": 0, "middle": flat.numel() // 2, "last": -1}[position]] = bad_value
+    found_inf = torch.zeros(1, device=device)
+    backend.accumulate(case.buffers(), grads, scale=1.0, overwrite=False, found_inf=found_inf)
+    assert found_inf.item() == 1.0
+
+
+def run_sgd(
+    backend, shapes, param_dtype, flags, use_buffer, has_grads, init_momentum, device="cpu"
+):
+    case = Case(shapes, param_dtype, device, state_names=("momentum_buffer",))
+    reference = case.twin()
+    grads = (
+        [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+        if has_grads
+        else None
+    )
+    for target, implementation in ((case, backend), (reference, REFERENCE)):
+        implementation.sgd_step(
+            target.batch(use_buffer, grads),
+            target.states("momentum_buffer") if flags["momentum"] else None,
+            lr=0.1,
+            init_momentum=init_momentum,
+            **flags,
+        )
+    case.assert_matches(reference)
+
+
+def run_adam(backend, shapes, param_dtype, flags, use_buffer, has_grads, step, device="cpu"):
+    names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    case = Case(shapes, param_dtype, device, state_names=names)
+    reference = case.twin()
+    grads = (
+        [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+        if has_grads
+        else None
+    )
+    for target, implementation in ((case, backend), (reference, REFERENCE)):
+        implementation.adam_step(
+            target.batch(use_buffer, grads),
+            target.states("exp_avg"),
+            target.states("exp_avg_sq"),
+            target.states("max_exp_avg_sq") if flags["amsgrad"] else None,
+            step=step,
+            lr=0.01,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            **flags,
+        )
+    case.assert_matches(reference)
+
+
+def step_cases():
+    """(name, runner kwargs) for every flag set and batch kind."""
+    for flags, (use_buffer, has_grads), init in itertools.product(
+        SGD_FLAGS, BATCH_KINDS, (False, True)
+    ):
+        if init and not flags["momentum"]:
+            continue
+        yield (
+            "sgd",
+            dict(flags=flags, use_buffer=use_buffer, has_grads=has_grads, init_momentum=init),
+        )
+    for flags, (use_buffer, has_grads), step in itertools.product(ADAM_FLAGS, BATCH_KINDS, (1, 7)):
+        yield "adam", dict(flags=flags, use_buffer=use_buffer, has_grads=has_grads, step=step)

@@ -1,0 +1,159 @@
+"""The Triton backend against the reference: every kernel, dtype and flag on odd sizes,
+under the Triton interpreter on CPU (CI) and compiled on a CUDA machine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from backend_cases import (
+    ADAM_FLAGS,
+    BATCH_KINDS,
+    SGD_FLAGS,
+    run_accumulate,
+    run_adam,
+    run_found_inf,
+    run_sgd,
+    step_cases,
+)
+
+from fused_accum import FusedAccumAdam, FusedAccumAdamW, FusedAccumSGD
+from fused_accum.backends.triton_backend import interpreter_active
+
+DEVICES = [
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_INTERPRET=1")
+    ),
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+SHAPES = [(1,), (31, 33), (4099,), (0,)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPE_IDS = ["fp32", "bf16", "fp16", "fp64"]
+
+
+@pytest.fixture
+def backend():
+    from fused_accum.backends import resolve_backend
+
+    return resolve_backend(
+        "triton", torch.device("cpu" if interpreter_active() else "cuda"), torch.float32
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["add", "overwrite"])
+def test_accumulate(backend, device, dtype, overwrite):
+    run_accumulate(backend, SHAPES, dtype, overwrite, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_large_odd_tensor(backend, device):
+    run_accumulate(backend, [(278011,), (3,)], torch.bfloat16, False, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[:3])
+def test_found_inf_raised_by_one_element(backend, device, bad_value, position, dtype):
+    run_found_inf(backend, SHAPES, dtype, bad_value, position, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "name,kwargs", list(step_cases()), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_step(backend, device, dtype, name, kwargs):
+    runner = {"sgd": run_sgd, "adam": run_adam}[name]
+    runner(backend, SHAPES, dtype, device=device, **kwargs)
+
+
+def test_cases_cover_every_flag():
+    cases = list(step_cases())
+    assert (
+        len(cases)
+        == len(SGD_FLAGS) * len(BATCH_KINDS)
+        + 3 * len(BATCH_KINDS)
+        + len(ADAM_FLAGS) * len(BATCH_KINDS) * 2
+    )
+    for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+        assert any(kwargs["flags"][key] for name, kwargs in cases if name == "sgd"), key
+    for key in ("weight_decay", "decoupled_weight_decay", "amsgrad", "maximize"):
+        assert any(kwargs["flags"][key] for name, kwargs in cases if name == "adam"), key
+
+
+OPTIMIZERS = [
+    (FusedAccumSGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)),
+    (FusedAccumSGD, dict(lr=0.05, momentum=0.9, dampening=0.2, maximize=True)),
+    (FusedAccumAdam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    (FusedAccumAdamW, dict(lr=0.01, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "optimizer_class,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", "")
+)
+def test_optimizer_with_triton_equals_torch_backend(device, dtype, optimizer_class, kwargs):
+    """Whole windows through the public API: weights, a parameter missing its gradient
+    for a while, the accumulate-and-step boundary and a partial window at the end."""
+    initial = [torch.randn(shape, device=device).to(dtype) for shape in SHAPES]
+    runs = {}
+    for backend in ("triton", "torch"):
+        params = [torch.nn.Parameter(p.clone()) for p in initial]
+        optimizer = optimizer_class(params, accumulation_steps=3, backend=backend, **kwargs)
+        torch.manual_seed(5)
+        for micro_step in range(3 * 4 + 2):
+            for index, param in enumerate(params):
+                skip = index == 1 and 3 <= micro_step < 7
+                param.grad = None if skip else torch.randn_like(param)
+            optimizer.step(weight=1 + micro_step % 4)
+        optimizer.flush()
+        runs[backend] = (params, optimizer)
+    (triton_params, triton_optimizer), (torch_params, torch_optimizer) = (
+        runs["triton"],
+        runs["torch"],
+    )
+    # the low-precision parameters can take one ulp flip per update
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (0, 5 * 2**-8)
+    for param, expected in zip(triton_params, torch_params, strict=True):
+        torch.testing.assert_close(param, expected, atol=atol, rtol=rtol)
+        for key, value in torch_optimizer.state[expected].items():
+            torch.testing.assert_close(
+                triton_optimizer.state[param][key],
+                value,
+                atol=1e-3 if dtype != torch.float32 else 1e-6,
+                rtol=1e-3,
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "optimizer_class", [FusedAccumSGD, FusedAccumAdamW], ids=lambda c: c.__name__
+)
+def test_one_launch_per_group_and_operation(backend, device, optimizer_class):
+    """A model of 40 parameters in two param groups and two dtypes: each micro-step is
+    one accumulate launch per (device, dtype); each update one step launch per
+    (param group, device, dtype)."""
+    layers = [torch.nn.Linear(7, 7) for _ in range(20)]
+    params = [p for layer in layers for p in layer.parameters()]
+    for param in params[20:30]:
+        param.data = param.data.bfloat16()
+    params = [p.to(device).detach().requires_grad_() for p in params]
+    groups = [{"params": params[:25]}, {"params": params[25:], "weight_decay": 0.0}]
+    optimizer = optimizer_class(groups, lr=0.01, accumulation_steps=4, backend="triton")
+    launches = []
+    for _ in range(8):
+        for param in params:
+            param.grad = torch.randn_like(param)
+        before = backend.launches
+        optimizer.step()
+        launches.append(backend.launches - before)
+    # groups: (0, fp32), (0, bf16), (1, bf16), (1, fp32); flat groups: fp32, bf16
+    assert launches == [2, 2, 2, 4, 2, 2, 2, 4]

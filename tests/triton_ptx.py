@@ -1,0 +1,101 @@
+"""Compile the Triton kernels for NVIDIA GPUs without one, and report facts about the
+PTX: run as a script (with TRITON_INTERPRET unset) by test_triton_compiles.py.
+
+Prints one JSON object per compiled variant. Pointer arguments are marked 16-byte
+aligned, as Triton marks the tensors it is launched with."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fused_accum.backends import triton_kernels as kernels
+
+TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets")
+
+
+def _compile(kernel, arch, pointer_types, constexprs):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+        elif name.endswith(("_offsets", "_start", "numels")) or name in TABLES:
+            signature[name] = "*i32" if name == "block_tensor" else "*i64"
+        else:
+            signature[name] = "fp32"
+    aligned = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(names)
+        if signature[name].startswith("*")
+    }
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
+def _facts(name, arch, variant, ptx):
+    return {
+        "kernel": name,
+        "arch": arch,
+        "variant": variant,
+        "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z]+)*\.v[248]", ptx)),
+        "vector_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.v[248]", ptx)),
+        "local_memory": ".local" in ptx,
+        "sqrt_rn": "sqrt.rn.f32" in ptx,
+        "div_rn": "div.rn.f32" in ptx,
+    }
+
+
+def _operands(table, param_dtype, acc):
+    operand = "*i64" if table else f"*{param_dtype}"
+    flat = f"*{acc}"
+    return {
+        "grads": operand,
+        "params": operand,
+        "buffer_ptr": flat,
+        "momentum_ptr": flat,
+        "exp_avg_ptr": flat,
+        "exp_avg_sq_ptr": flat,
+        "max_exp_avg_sq_ptr": flat,
+        "found_inf_ptr": "*fp32",
+    }
+
+
+def variants():
+    for arch, table, dtype in itertools.product(
+        (80, 90), (True, False), ("fp32", "bf16", "fp16", "fp64")
+    ):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        operands = _operands(table, dtype, acc)
+        common = dict(POINTER_TABLE=table, BLOCK=1024)
+        yield (
+            "accumulate", arch, f"{dtype} table={table}",
+            _compile(kernels.accumulate_kernel, arch, operands,
+                     dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True)),
+        )  # fmt: skip
+        step = dict(common, PARAM_DTYPE=TL[dtype], GRAD_DTYPE=TL[dtype], USE_BUFFER=True,
+                    HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True)  # fmt: skip
+        yield (
+            "sgd", arch, f"{dtype} table={table}",
+            _compile(kernels.sgd_kernel, arch, operands,
+                     dict(step, HAS_MOMENTUM=True, INIT_MOMENTUM=False, NESTEROV=True)),
+        )  # fmt: skip
+        yield (
+            "adam", arch, f"{dtype} table={table}",
+            _compile(kernels.adam_kernel, arch, operands, dict(step, DECOUPLED=True, AMSGRAD=True)),
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    for name, arch, variant, ptx in variants():
+        print(json.dumps(_facts(name, arch, variant, ptx)), flush=True)
