@@ -46,17 +46,17 @@ class _Layout:
     """Block tables of one call: which tensor and element each program starts at."""
 
     def __init__(self, flat_offsets: list[int], numels: list[int], device: torch.device):
-        block = _INTERPRETER_BLOCK if interpreter_active() else BLOCK
-        counts = [-(-numel // block) for numel in numels]
-        tensor_of_block, start_of_block = [], []
-        for tensor, count in enumerate(counts):
-            tensor_of_block += [tensor] * count
-            start_of_block += range(0, count * block, block)
-        self.block = block
-        self.num_blocks = len(tensor_of_block)
-        self.block_tensor = torch.tensor(tensor_of_block, dtype=torch.int32, device=device)
-        self.block_start = torch.tensor(start_of_block, dtype=torch.int64, device=device)
-        self.numels = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.block = _INTERPRETER_BLOCK if interpreter_active() else BLOCK
+        numels_table = torch.tensor(numels, dtype=torch.int64)
+        counts = (numels_table + self.block - 1) // self.block
+        first_block = torch.cumsum(counts, 0) - counts
+        self.num_blocks = int(counts.sum())
+        block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        block_index = torch.arange(self.num_blocks, dtype=torch.int64)
+        block_start = (block_index - torch.repeat_interleave(first_block, counts)) * self.block
+        self.block_tensor = block_tensor.to(device)
+        self.block_start = block_start.to(device)
+        self.numels = numels_table.to(device)
         self.flat_offsets = torch.tensor(flat_offsets, dtype=torch.int64, device=device)
 
     def args(self) -> tuple[torch.Tensor, ...]:
