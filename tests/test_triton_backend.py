@@ -157,3 +157,45 @@ def test_one_launch_per_group_and_operation(backend, device, optimizer_class):
         launches.append(backend.launches - before)
     # groups: (0, fp32), (0, bf16), (1, bf16), (1, fp32); flat groups: fp32, bf16
     assert launches == [2, 2, 2, 4, 2, 2, 2, 4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulate_in_backward_one_tensor_per_launch(device):
+    """Backward hooks fold one gradient at a time: the tensor is its own base."""
+    torch.manual_seed(2)
+    models = [torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 2))]
+    models.append(
+        torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 2))
+    )
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        FusedAccumAdamW(model.to(device).parameters(), lr=0.01, accumulation_steps=2,
+                        accumulate_in_backward=True, backend=backend)
+        for model, backend in zip(models, ("triton", "torch"), strict=True)
+    ]  # fmt: skip
+    for _ in range(6):
+        batch = torch.randn(4, 9, device=device)
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model(batch).square().mean().backward()
+            optimizer.step()
+    for param, expected in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_parameter_view_is_updated_in_place(device):
+    """A parameter that is a view at an odd offset of a larger tensor is copied to an
+    aligned temporary for the kernel and written back into its storage."""
+    storage = torch.randn(40, device=device)
+    param = torch.nn.Parameter(storage[3:24])
+    expected = torch.nn.Parameter(storage[3:24].clone())
+    triton_optimizer = FusedAccumSGD([param], lr=0.1, momentum=0.9, backend="triton")
+    torch_optimizer = FusedAccumSGD([expected], lr=0.1, momentum=0.9, backend="torch")
+    for _ in range(3):
+        grad = torch.randn(21, device=device)
+        param.grad, expected.grad = grad.clone(), grad.clone()
+        triton_optimizer.step()
+        torch_optimizer.step()
+    torch.testing.assert_close(param, expected)
+    assert param.data_ptr() == storage[3:].data_ptr()
+    torch.testing.assert_close(storage[3:24], expected.detach())

@@ -18,6 +18,7 @@ from .spec import StepBatch
 
 BLOCK = 1024
 _INTERPRETER_BLOCK = 128  # the interpreter runs a block as numpy arrays: keep them small
+_ADDRESS_TABLES_KEPT = 16
 
 
 def interpreter_active() -> bool:
@@ -88,37 +89,51 @@ def _in_layout(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
 
 
 class _Operand:
-    """Gradients or parameters as the kernels reach them: an address table (GPU) or a
-    flat staged copy (interpreter); ``write_back`` returns a staged copy's values."""
+    """Gradients or parameters as the kernels reach them, in one of three ways:
+
+    - one tensor: itself as the base (offset 0), nothing copied;
+    - several, on a GPU: a table of their addresses;
+    - several, under the interpreter: staged into one flat copy laid out like the
+      buffers (``write_back`` returns the values to the tensors).
+    """
 
     def __init__(
         self,
         tensors: list[torch.Tensor],
         views: list[torch.Tensor],
         base_numel: int,
-        layout: _Layout,
-        pointer_table: bool,
+        backend: TritonBackend,
     ):
         self.tensors = tensors
-        self.in_layout = [_in_layout(t, v) for t, v in zip(tensors, views, strict=True)]
         self.views = views
-        self.pointer_table = pointer_table
-        if pointer_table:
-            addresses = [t.data_ptr() for t in self.in_layout]
-            self.base = torch.tensor(addresses, dtype=torch.int64, device=tensors[0].device)
-            self.offsets = layout.flat_offsets  # unused by the kernel
+        self.in_layout = [_in_layout(t, v) for t, v in zip(tensors, views, strict=True)]
+        self.staged = False
+        self.pointer_table = len(tensors) > 1 and not interpreter_active()
+        device = tensors[0].device
+        if len(tensors) == 1:
+            self.base = self.in_layout[0]
+            self.offsets = backend.zero_offsets(device)
+        elif self.pointer_table:
+            self.base = backend.address_table([t.data_ptr() for t in self.in_layout], device)
+            self.offsets = self.base  # unused by the kernel
         else:
-            self.base = torch.zeros(base_numel, dtype=tensors[0].dtype, device=tensors[0].device)
-            self.offsets = layout.flat_offsets
+            self.staged = True
+            self.base = torch.zeros(base_numel, dtype=tensors[0].dtype, device=device)
+            self.offsets = torch.tensor(
+                [v.storage_offset() for v in views], dtype=torch.int64, device=device
+            )
             for view, tensor in zip(views, self.in_layout, strict=True):
-                self.base.as_strided(view.shape, view.stride(), view.storage_offset()).copy_(tensor)
+                self._slot(view).copy_(tensor)
+
+    def _slot(self, view: torch.Tensor) -> torch.Tensor:
+        return self.base.as_strided(view.shape, view.stride(), view.storage_offset())
 
     def write_back(self) -> None:
-        for tensor, staged, view in zip(self.tensors, self.in_layout, self.views, strict=True):
-            if not self.pointer_table:
-                staged.copy_(self.base.as_strided(view.shape, view.stride(), view.storage_offset()))
-            if staged is not tensor:
-                tensor.copy_(staged)
+        for tensor, in_layout, view in zip(self.tensors, self.in_layout, self.views, strict=True):
+            if self.staged:
+                in_layout.copy_(self._slot(view))
+            if in_layout is not tensor:
+                tensor.copy_(in_layout)
 
 
 _TL_DTYPES: dict[torch.dtype, object] = {}
@@ -149,6 +164,8 @@ class TritonBackend:
 
         self._kernels = triton_kernels
         self._layouts: dict[tuple, _Layout] = {}
+        self._zero_offsets: dict[torch.device, torch.Tensor] = {}
+        self._address_tables: dict[tuple, torch.Tensor] = {}
         self.launches = 0  # kernel launches so far; read by tests
 
     def _layout(self, buffers: list[torch.Tensor]) -> _Layout:
@@ -160,10 +177,28 @@ class TritonBackend:
             layout = self._layouts[key] = _Layout(flat_offsets, numels, buffers[0].device)
         return layout
 
-    def _operand(self, tensors, buffers, base: torch.Tensor, layout: _Layout) -> _Operand:
-        return _Operand(
-            tensors, buffers, base.numel(), layout, pointer_table=not interpreter_active()
-        )
+    def _operand(self, tensors, buffers, base: torch.Tensor) -> _Operand:
+        return _Operand(tensors, buffers, base.numel(), self)
+
+    def zero_offsets(self, device: torch.device) -> torch.Tensor:
+        """A one-entry offset table holding 0, for a single tensor used as its own base."""
+        table = self._zero_offsets.get(device)
+        if table is None:
+            table = self._zero_offsets[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return table
+
+    def address_table(self, addresses: list[int], device: torch.device) -> torch.Tensor:
+        """The addresses as an int64 tensor on ``device``. Recent tables are kept: the
+        caching allocator tends to hand gradients the same addresses every micro-step,
+        and a hit saves a host-to-device copy."""
+        key = (device, tuple(addresses))
+        table = self._address_tables.pop(key, None)
+        if table is None:
+            table = torch.tensor(addresses, dtype=torch.int64, device=device)
+        self._address_tables[key] = table
+        while len(self._address_tables) > _ADDRESS_TABLES_KEPT:
+            self._address_tables.pop(next(iter(self._address_tables)))
+        return table
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
         if layout.num_blocks == 0:
@@ -184,7 +219,7 @@ class TritonBackend:
             return
         base = _flat_base(buffers)
         layout = self._layout(buffers)
-        grad_operand = self._operand(grads, buffers, base, layout)
+        grad_operand = self._operand(grads, buffers, base)
         self._launch(
             self._kernels.accumulate_kernel,
             layout,
@@ -203,12 +238,8 @@ class TritonBackend:
     def _step_operands(self, batch: StepBatch):
         base = _flat_base(batch.buffers)
         layout = self._layout(batch.buffers)
-        params = self._operand(batch.params, batch.buffers, base, layout)
-        grads = (
-            params
-            if batch.grads is None
-            else self._operand(batch.grads, batch.buffers, base, layout)
-        )
+        params = self._operand(batch.params, batch.buffers, base)
+        grads = params if batch.grads is None else self._operand(batch.grads, batch.buffers, base)
         return base, layout, params, grads
 
     def _common_constexprs(self, batch: StepBatch, params: _Operand, grads: _Operand) -> dict:
