@@ -16,9 +16,9 @@ class AccumulationState:
     """Flat fp32 (fp64 for fp64 parameters) buffers per (device, dtype) group, with the
     bookkeeping of the window being accumulated.
 
-    Between windows every buffer is zero; during a window a parameter's buffer holds
-    the weighted sum of its gradients so far, and ``holds_sum`` says which parameters
-    have received at least one gradient.
+    During a window a parameter's buffer holds the weighted sum of its gradients so
+    far, for the parameters in ``holds_sum`` (those that have received a gradient);
+    the buffers of the others hold dead values, overwritten by their first gradient.
     """
 
     def __init__(self, backend_name: str) -> None:
@@ -77,13 +77,7 @@ class AccumulationState:
             self.backends[(device, dtype)].accumulate(buffers, grads, scale=weight, overwrite=first)
 
     def end_window(self) -> None:
-        """Forget the window's counters; the buffers must already be zero."""
+        """Forget the window: its sums are dead once applied or discarded."""
         self.holds_sum.clear()
         self.window_micro_steps = 0
         self.window_weight = 0.0
-
-    def discard_window(self) -> None:
-        """Zero every buffer and forget the window."""
-        for group in self.groups.values():
-            group.buffer.zero_()
-        self.end_window()

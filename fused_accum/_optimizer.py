@@ -255,7 +255,7 @@ class FusedAccumOptimizer(Optimizer):
         """One micro-step: fold every present ``.grad`` into the accumulation buffers
         (weighted by ``weight``, default 1) and release it; on every
         ``accumulation_steps``-th call, apply the update with the window's weighted
-        mean gradient and clear the buffers. Returns the closure's loss, if any."""
+        mean gradient and start a new window. Returns the closure's loss, if any."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -303,7 +303,7 @@ class FusedAccumOptimizer(Optimizer):
     def discard_window(self) -> None:
         """Drop everything accumulated since the last update (buffers, micro-step count
         and weight) without applying it. zero_grad() never does this."""
-        self._accumulation.discard_window()
+        self._accumulation.end_window()
         self._pending_weight = 1.0
         self._folded_since_step = False
 

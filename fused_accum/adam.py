@@ -18,7 +18,7 @@ _ACCUMULATION_DOC = r"""
     one micro-step: it adds ``weight * p.grad`` into the buffer, in fp32 whatever the
     parameter's dtype, and releases ``p.grad`` (sets it to None). Every
     ``accumulation_steps``-th call applies one update with the window's weighted mean
-    gradient :math:`g = \sum_i w_i g_i / \sum_i w_i` and clears the buffers. With the
+    gradient :math:`g = \sum_i w_i g_i / \sum_i w_i` and starts a new window. With the
     default ``weight=1`` this is the window's mean gradient, so the loss is *not*
     divided by ``accumulation_steps``; passing each micro-batch's item or token count as
     ``weight`` gives the exact large-batch gradient when micro-batches differ in size.

@@ -26,7 +26,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
     .. math::
         g = \frac{\sum_i w_i g_i}{\sum_i w_i}
 
-    and clears the buffers. With the default ``weight=1`` this is the mean gradient of
+    and starts a new window. With the default ``weight=1`` this is the mean gradient of
     the window, so the loss is *not* divided by ``accumulation_steps``; passing each
     micro-batch's item or token count as ``weight`` gives the exact large-batch gradient
     when micro-batches differ in size. A parameter whose ``.grad`` is None in a

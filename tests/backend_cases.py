@@ -90,9 +90,6 @@ class Case:
         return [self.group.state_view(name, i) for i in range(len(self.params))]
 
     def batch(self, use_buffer, grads, normaliser=0.25, grad_scale=0.5):
-        if not use_buffer:
-            for buffer in self.buffers():
-                buffer.zero_()
         return StepBatch(
             params=self.params,
             buffers=self.buffers(),

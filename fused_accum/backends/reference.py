@@ -27,12 +27,9 @@ def _working_copy(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return param if param.dtype == dtype else param.to(dtype)
 
 
-def _finish(batch: StepBatch, index: int, working: torch.Tensor) -> None:
-    param = batch.params[index]
+def _store(param: torch.Tensor, working: torch.Tensor) -> None:
     if working is not param:
         param.copy_(working)
-    if batch.use_buffer:
-        batch.buffers[index].zero_()
 
 
 class ReferenceBackend:
@@ -90,7 +87,7 @@ class ReferenceBackend:
                 else:
                     grad = momentum_buffer
             working.add_(grad, alpha=-lr)
-            _finish(batch, i, working)
+            _store(param, working)
 
     def adam_step(
         self,
@@ -132,4 +129,4 @@ class ReferenceBackend:
                 second_moment = exp_avg_sq
             denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
             working.addcdiv_(exp_avg, denom, value=-step_size)
-            _finish(batch, i, working)
+            _store(param, working)

@@ -15,10 +15,14 @@ load, parameters are rounded once on store.
 
         g = normaliser * buffer  (if batch.use_buffer)  +  grad_scale * grad  (if batch.grads)
 
-    with torch.optim's update math for SGD, Adam or AdamW, update the state in place,
-    and set the buffer to zero when it was used. A batch with ``grads`` is the
-    accumulate-and-step of the window's last micro-step: the fresh gradients are added
-    and applied without the window's sum ever being written to the buffer.
+    with torch.optim's update math for SGD, Adam or AdamW, and update the parameters
+    and state in place. A batch with ``grads`` is the accumulate-and-step of the
+    window's last micro-step: the fresh gradients are added and applied without the
+    window's sum ever being written to the buffer.
+
+    The buffers are left as they are: after an update their contents are dead, and
+    the first contribution of the next window overwrites them (``overwrite=True``), so
+    no pass is spent zeroing them.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class StepBatch:
     grads: list[torch.Tensor] | None
     """Fresh gradients of the window's last micro-step, or None."""
     use_buffer: bool
-    """Whether the buffers hold contributions of this window (else they are zero)."""
+    """Whether the buffers hold contributions of this window (else they are not read)."""
     normaliser: float
     """Factor on the buffers: 1 / (total weight of the window)."""
     grad_scale: float

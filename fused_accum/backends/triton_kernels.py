@@ -226,15 +226,13 @@ def _sgd_block(
             gradient = velocity
     param -= lr * gradient
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
-    if USE_BUFFER:
-        tl.store(buffer_ptr + flat, tl.zeros_like(gradient), mask=mask)
 
 
 @triton.jit
 def sgd_kernel(
     params,  # parameters: address table or base tensor
     param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
-    buffer_ptr,  # flat accumulation buffer (zeroed where used)
+    buffer_ptr,  # flat accumulation buffer
     grads,  # fresh gradients of the last micro-step: address table or base tensor
     grad_offsets,  # int64 [tensors]
     momentum_ptr,  # flat momentum buffers
@@ -315,15 +313,13 @@ def _adam_block(
     tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
-    if USE_BUFFER:
-        tl.store(buffer_ptr + flat, tl.zeros_like(gradient), mask=mask)
 
 
 @triton.jit
 def adam_kernel(
     params,  # parameters: address table or base tensor
     param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
-    buffer_ptr,  # flat accumulation buffer (zeroed where used)
+    buffer_ptr,  # flat accumulation buffer
     grads,  # fresh gradients of the last micro-step: address table or base tensor
     grad_offsets,  # int64 [tensors]
     exp_avg_ptr,  # flat first moments
