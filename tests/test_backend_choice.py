@@ -4,22 +4,43 @@ honoured says why."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
 
-from fused_accum import FusedAccumSGD
-from fused_accum.backends import resolve_backend
+from fused_accum import FusedAccumSGD, backends
+from fused_accum.backends import compiled, resolve_backend
 from fused_accum.backends.triton_backend import BLOCK, _Layout
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_auto_is_the_reference_on_cpu_and_triton_on_cuda(monkeypatch):
+def test_auto_prefers_fused_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("auto", CPU, torch.float32).name == "torch"
+    assert resolve_backend("auto", CPU, torch.float32).name == "cpu"
     assert resolve_backend("auto", CUDA, torch.bfloat16).name == "triton"
     assert resolve_backend("torch", CUDA, torch.bfloat16).name == "torch"
+
+
+def test_auto_falls_back_with_one_notice_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setattr(compiled, "_import_error", "No module named 'fused_accum._C'")
+    monkeypatch.setattr(compiled, "_loaded", True)
+    monkeypatch.setattr(backends, "_noticed", set())
+    with pytest.warns(UserWarning, match=r"cpu: the compiled kernels are not built .* reference"):
+        assert resolve_backend("auto", CPU, torch.float32).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        assert resolve_backend("auto", CPU, torch.bfloat16).name == "torch"
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run .* not built"):
+        resolve_backend("cpu", CPU, torch.float32)
+
+
+def test_compiled_backends_serve_their_own_device_type():
+    with pytest.raises(ValueError, match=r"backend='cpu' runs CPU tensors"):
+        resolve_backend("cpu", CUDA, torch.float32)
+    with pytest.raises(ValueError, match=r"backend='cuda' runs CUDA tensors"):
+        resolve_backend("cuda", CPU, torch.float32)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -39,7 +60,11 @@ def test_triton_on_another_device_type():
 
 def test_broken_triton_falls_back_for_auto_and_raises_when_asked_for(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
-    assert resolve_backend("auto", CUDA, torch.float32).name == "torch"
+    monkeypatch.setattr(backends, "_noticed", set())
+    cuda_kernels_built = compiled.unavailable_reason(CUDA) is None
+    with warnings.catch_warnings(record=True):
+        name = resolve_backend("auto", CUDA, torch.float32).name
+    assert name == ("cuda" if cuda_kernels_built else "torch")
     with pytest.raises(ValueError, match=r"triton cannot be imported \(ModuleNotFoundError"):
         resolve_backend("triton", CUDA, torch.float32)
 

@@ -107,7 +107,7 @@ def test_unsupported_options():
         FusedAccumAdam([_param(2)], capturable=True)
     with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose one of"):
         FusedAccumSGD([_param(2)], lr=0.1, backend="fast")
-    with pytest.raises(ValueError, match=r"backend='cuda' is not available .* use backend='torch'"):
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run .* runs CUDA tensors"):
         FusedAccumSGD([_param(2)], lr=0.1, backend="cuda")
     # accepted for compatibility with torch.optim: the backend keyword decides
     FusedAccumSGD([_param(2)], lr=0.1, foreach=True, fused=False)

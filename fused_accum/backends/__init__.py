@@ -2,11 +2,13 @@
 
 ``backend="auto"`` picks the best backend available for the group and never raises for
 a supported setup; an explicit name that cannot serve the group raises an error that
-says why. Faster backends are imported lazily, so importing fused_accum never touches a
-GPU or a compiler.
+says why. Faster backends (Triton, the compiled extension) are imported lazily, so
+importing fused_accum never touches a GPU, triton or the extension.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -26,42 +28,69 @@ def check_backend_name(name: str) -> None:
         )
 
 
-_TRITON: Backend | None = None
+# What "auto" tries, in order, per device type; the reference backend comes last. The
+# order is the measured speed where measured (benchmarks/RESULTS.md).
+_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_instances: dict[str, Backend] = {}
+_noticed: set[str] = set()
 
 
-def _triton_backend() -> Backend:
-    global _TRITON
-    if _TRITON is None:
-        from .triton_backend import TritonBackend
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name == "triton":
+        from .triton_backend import unavailable_reason
 
-        _TRITON = TritonBackend()
-    return _TRITON
+        return unavailable_reason(device)
+    if device.type != name:
+        return f"backend={name!r} runs {name.upper()} tensors"
+    from .compiled import unavailable_reason
+
+    return unavailable_reason(device)
+
+
+def _instance(name: str) -> Backend:
+    if name not in _instances:
+        if name == "triton":
+            from .triton_backend import TritonBackend
+
+            _instances[name] = TritonBackend()
+        else:
+            from .compiled import CompiledBackend
+
+            _instances[name] = CompiledBackend(name)
+    return _instances[name]
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs the group of parameters of ``dtype`` on ``device``:
-    ``auto`` takes Triton on CUDA when it works and the reference otherwise."""
+    """The backend that runs the group of parameters of ``dtype`` on ``device``.
+
+    ``auto`` takes the first available of Triton then the CUDA kernels on a GPU, the
+    compiled CPU kernels on a CPU, and else the reference, saying so once per device
+    type. An explicit name that cannot serve the group raises ValueError saying why."""
     check_backend_name(name)
     if name == "torch":
         return _REFERENCE
-    from .triton_backend import unavailable_reason
-
     if name == "auto":
-        if device.type == "cuda" and unavailable_reason(device) is None:
-            return _triton_backend()
-        return _REFERENCE
-    if name == "triton":
-        reason = unavailable_reason(device)
-        if reason is not None:
-            raise ValueError(
-                f"backend='triton' cannot run the {dtype} parameters on {device}: {reason}; "
-                f"use backend='auto' to fall back to the reference backend"
+        reasons = []
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            reason = _unavailable_reason(candidate, device)
+            if reason is None:
+                return _instance(candidate)
+            reasons.append(f"{candidate}: {reason}")
+        if reasons and device.type not in _noticed:
+            _noticed.add(device.type)
+            warnings.warn(
+                f"fused_accum: no fused kernels for {device.type} tensors "
+                f"({'; '.join(reasons)}); using the pure-PyTorch reference backend",
+                stacklevel=2,
             )
-        return _triton_backend()
-    raise ValueError(
-        f"backend={name!r} is not available in this version of fused_accum "
-        f"(requested for {dtype} parameters on {device}); use backend='torch' or 'auto'"
-    )
+        return _REFERENCE
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(
+            f"backend={name!r} cannot run the {dtype} parameters on {device}: {reason}; "
+            f"use backend='auto' to fall back to what is available"
+        )
+    return _instance(name)
 
 
 __all__ = ["BACKEND_NAMES", "Backend", "StepBatch", "check_backend_name", "resolve_backend"]

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .layout import like_buffer, write_back
 from .spec import StepBatch
 
 BLOCK = 1024
@@ -78,16 +79,6 @@ def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor] | None = None
     return views[0].as_strided((numel,), (1,), 0)
 
 
-def _in_layout(tensor: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself when its memory order is the flat view's and its address is
-    16-byte aligned (the kernels promise both to the compiler), else such a copy."""
-    same_order = tensor.stride() == view.stride() or tensor.numel() <= 1
-    if same_order and tensor.data_ptr() % 16 == 0:
-        return tensor
-    copy = torch.empty_strided(view.shape, view.stride(), dtype=tensor.dtype, device=tensor.device)
-    return copy.copy_(tensor)
-
-
 class _Operand:
     """Gradients or parameters as the kernels reach them, in one of three ways:
 
@@ -106,7 +97,9 @@ class _Operand:
     ):
         self.tensors = tensors
         self.views = views
-        self.in_layout = [_in_layout(t, v) for t, v in zip(tensors, views, strict=True)]
+        self.in_layout = [
+            like_buffer(t, v, alignment=16) for t, v in zip(tensors, views, strict=True)
+        ]
         self.staged = False
         self.pointer_table = len(tensors) > 1 and not interpreter_active()
         device = tensors[0].device
@@ -129,11 +122,10 @@ class _Operand:
         return self.base.as_strided(view.shape, view.stride(), view.storage_offset())
 
     def write_back(self) -> None:
-        for tensor, in_layout, view in zip(self.tensors, self.in_layout, self.views, strict=True):
-            if self.staged:
+        if self.staged:
+            for in_layout, view in zip(self.in_layout, self.views, strict=True):
                 in_layout.copy_(self._slot(view))
-            if in_layout is not tensor:
-                tensor.copy_(in_layout)
+        write_back(self.tensors, self.in_layout)
 
 
 _TL_DTYPES: dict[torch.dtype, object] = {}

@@ -1,0 +1,242 @@
+// The CPU loops of the kernel spec over one chunk of one tensor, written so that the
+// compiler vectorises them. This file is included twice by kernels.cpp, inside two
+// namespaces: once for the baseline instruction set and once under
+// `#pragma GCC target("avx2,fma,f16c")`; it has no include guard on purpose and
+// includes nothing (kernels.cpp includes what it needs first).
+
+// Element formats: how a stored value is widened to the accumulation type and how a
+// result is rounded back (to nearest even).
+struct F32 {
+  using storage = float;
+  using acc = float;
+  static inline acc load(storage x) { return x; }
+  static inline storage store(acc x) { return x; }
+};
+
+struct F64 {
+  using storage = double;
+  using acc = double;
+  static inline acc load(storage x) { return x; }
+  static inline storage store(acc x) { return x; }
+};
+
+struct BF16 {
+  using storage = uint16_t;
+  using acc = float;
+  static inline acc load(storage x) {
+    const uint32_t bits = uint32_t(x) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+  static inline storage store(acc x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return storage(x != x ? quiet_nan : rounded);
+  }
+};
+
+struct F16 {
+  using storage = uint16_t;
+  using acc = float;
+  // Branch-free bit conversions (IEEE half <-> single, round to nearest even), which the
+  // compiler vectorises; GCC's _Float16 conversions stay scalar here.
+  static inline acc load(storage x) { return c10::detail::fp16_ieee_to_fp32_value(x); }
+  static inline storage store(acc x) { return c10::detail::fp16_ieee_from_fp32_value(x); }
+};
+
+// buffer = scale * grad (OVERWRITE) or buffer + scale * grad; returns whether a
+// gradient element is not finite (CHECK).
+template <typename G, bool OVERWRITE, bool CHECK>
+bool accumulate_chunk(typename G::acc* __restrict buffer,
+                      const typename G::storage* __restrict grad, int64_t n,
+                      typename G::acc scale) {
+  using acc = typename G::acc;
+  int nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc value = G::load(grad[i]);
+    if constexpr (CHECK) nonfinite |= !(value - value == acc(0));
+    acc sum = value * scale;
+    if constexpr (!OVERWRITE) sum += buffer[i];
+    buffer[i] = sum;
+  }
+  return nonfinite != 0;
+}
+
+// The applied gradient: normaliser * buffer (USE_BUFFER) + grad_scale * grad (HAS_GRADS).
+template <typename P, bool USE_BUFFER, bool HAS_GRADS>
+inline typename P::acc applied_gradient(const typename P::acc* __restrict buffer,
+                                        const typename P::storage* __restrict grad, int64_t i,
+                                        typename P::acc normaliser,
+                                        typename P::acc grad_scale) {
+  if constexpr (USE_BUFFER && HAS_GRADS) {
+    return buffer[i] * normaliser + P::load(grad[i]) * grad_scale;
+  } else if constexpr (USE_BUFFER) {
+    return buffer[i] * normaliser;
+  } else {
+    return P::load(grad[i]) * grad_scale;
+  }
+}
+
+template <typename acc>
+struct SgdScalars {
+  acc normaliser, grad_scale, sign, lr, momentum, one_minus_dampening, weight_decay;
+  bool init_momentum, nesterov;
+};
+
+template <typename P, bool USE_BUFFER, bool HAS_GRADS, bool HAS_WEIGHT_DECAY, bool HAS_MOMENTUM>
+void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
+               const typename P::storage* __restrict grad,
+               typename P::acc* __restrict momentum_buffer, int64_t n,
+               const SgdScalars<typename P::acc>& s) {
+  using acc = typename P::acc;
+  for (int64_t i = 0; i < n; ++i) {
+    acc gradient =
+        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
+    acc value = P::load(param[i]);
+    if constexpr (HAS_WEIGHT_DECAY) gradient += s.weight_decay * value;
+    if constexpr (HAS_MOMENTUM) {
+      const acc decayed = momentum_buffer[i] * s.momentum + s.one_minus_dampening * gradient;
+      const acc velocity = s.init_momentum ? gradient : decayed;
+      momentum_buffer[i] = velocity;
+      gradient = s.nesterov ? gradient + s.momentum * velocity : velocity;
+    }
+    value -= s.lr * gradient;
+    param[i] = P::store(value);
+  }
+}
+
+template <typename acc>
+struct AdamScalars {
+  acc normaliser, grad_scale, sign, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+      decay_factor, step_size, bias_correction2_sqrt;
+};
+
+enum class WeightDecay { none, coupled, decoupled };
+
+template <typename P, bool USE_BUFFER, bool HAS_GRADS, WeightDecay DECAY, bool AMSGRAD>
+void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
+                const typename P::storage* __restrict grad, typename P::acc* __restrict exp_avg,
+                typename P::acc* __restrict exp_avg_sq, typename P::acc* __restrict max_exp_avg_sq,
+                int64_t n, const AdamScalars<typename P::acc>& s) {
+  using acc = typename P::acc;
+  for (int64_t i = 0; i < n; ++i) {
+    acc gradient =
+        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
+    acc value = P::load(param[i]);
+    if constexpr (DECAY == WeightDecay::coupled) gradient += s.weight_decay * value;
+    if constexpr (DECAY == WeightDecay::decoupled) value *= s.decay_factor;
+    acc first = exp_avg[i];
+    first += s.one_minus_beta1 * (gradient - first);
+    const acc second = exp_avg_sq[i] * s.beta2 + s.one_minus_beta2 * gradient * gradient;
+    exp_avg[i] = first;
+    exp_avg_sq[i] = second;
+    acc second_moment = second;
+    if constexpr (AMSGRAD) {
+      const acc running_max = max_exp_avg_sq[i];
+      // torch.maximum: a NaN wins
+      second_moment = (running_max < second || second != second) ? second : running_max;
+      max_exp_avg_sq[i] = second_moment;
+    }
+    const acc denominator = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
+    value -= s.step_size * (first / denominator);
+    param[i] = P::store(value);
+  }
+}
+
+// Entry points: one per op and element format, taking untyped pointers and the
+// host-side arguments, and choosing the loop instantiation for the flags. kernels.cpp
+// calls them through function pointers picked once for the CPU's instruction set.
+template <typename G>
+bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, bool overwrite,
+                      bool check) {
+  using acc = typename G::acc;
+  auto* sums = static_cast<acc*>(buffer);
+  const auto* grads = static_cast<const typename G::storage*>(grad);
+  const acc factor = acc(scale);
+  if (overwrite) {
+    return check ? accumulate_chunk<G, true, true>(sums, grads, n, factor)
+                 : accumulate_chunk<G, true, false>(sums, grads, n, factor);
+  }
+  return check ? accumulate_chunk<G, false, true>(sums, grads, n, factor)
+               : accumulate_chunk<G, false, false>(sums, grads, n, factor);
+}
+
+template <typename P, bool USE_BUFFER, bool HAS_GRADS>
+void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum, int64_t n,
+               const StepArgs& a) {
+  using acc = typename P::acc;
+  const SgdScalars<acc> s{acc(a.normaliser), acc(a.grad_scale), acc(a.maximize ? -1 : 1),
+                          acc(a.lr),         acc(a.momentum),   acc(1 - a.dampening),
+                          acc(a.weight_decay), a.init_momentum, a.nesterov};
+  auto* p = static_cast<typename P::storage*>(param);
+  const auto* b = static_cast<const acc*>(buffer);
+  const auto* g = static_cast<const typename P::storage*>(grad);
+  auto* m = static_cast<acc*>(momentum);
+  const bool decay = a.weight_decay != 0;
+  if (a.momentum != 0) {
+    decay ? sgd_chunk<P, USE_BUFFER, HAS_GRADS, true, true>(p, b, g, m, n, s)
+          : sgd_chunk<P, USE_BUFFER, HAS_GRADS, false, true>(p, b, g, m, n, s);
+  } else {
+    decay ? sgd_chunk<P, USE_BUFFER, HAS_GRADS, true, false>(p, b, g, m, n, s)
+          : sgd_chunk<P, USE_BUFFER, HAS_GRADS, false, false>(p, b, g, m, n, s);
+  }
+}
+
+template <typename P, bool USE_BUFFER, bool HAS_GRADS>
+void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg,
+                void* exp_avg_sq, void* max_exp_avg_sq, int64_t n, const StepArgs& a) {
+  using acc = typename P::acc;
+  const AdamScalars<acc> s{acc(a.normaliser),      acc(a.grad_scale),
+                           acc(a.maximize ? -1 : 1), acc(1 - a.beta1),
+                           acc(a.beta2),           acc(1 - a.beta2),
+                           acc(a.eps),             acc(a.weight_decay),
+                           acc(1 - a.lr * a.weight_decay),
+                           acc(a.step_size),       acc(a.bias_correction2_sqrt)};
+  auto* p = static_cast<typename P::storage*>(param);
+  const auto* b = static_cast<const acc*>(buffer);
+  const auto* g = static_cast<const typename P::storage*>(grad);
+  auto* m = static_cast<acc*>(exp_avg);
+  auto* v = static_cast<acc*>(exp_avg_sq);
+  auto* v_max = static_cast<acc*>(max_exp_avg_sq);
+  const WeightDecay decay = a.weight_decay == 0 ? WeightDecay::none
+                            : a.decoupled_weight_decay ? WeightDecay::decoupled
+                                                       : WeightDecay::coupled;
+  switch (decay) {
+    case WeightDecay::none:
+      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::none, true>(p, b, g, m, v, v_max, n, s)
+                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::none, false>(p, b, g, m, v, v_max, n, s);
+    case WeightDecay::coupled:
+      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::coupled, true>(p, b, g, m, v, v_max, n, s)
+                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::coupled, false>(p, b, g, m, v, v_max, n, s);
+    case WeightDecay::decoupled:
+      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::decoupled, true>(p, b, g, m, v, v_max, n, s)
+                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::decoupled, false>(p, b, g, m, v, v_max, n, s);
+  }
+}
+
+// The step entry: `state` holds the momentum buffer (SGD) or the three moments (Adam).
+template <typename P>
+void step_entry(void* param, const void* buffer, const void* grad, void* const* state, int64_t n,
+                const StepArgs& a) {
+  if (a.adam) {
+    if (a.use_buffer && a.has_grads) return adam_flags<P, true, true>(param, buffer, grad, state[0], state[1], state[2], n, a);
+    if (a.use_buffer) return adam_flags<P, true, false>(param, buffer, grad, state[0], state[1], state[2], n, a);
+    return adam_flags<P, false, true>(param, buffer, grad, state[0], state[1], state[2], n, a);
+  }
+  if (a.use_buffer && a.has_grads) return sgd_flags<P, true, true>(param, buffer, grad, state[0], n, a);
+  if (a.use_buffer) return sgd_flags<P, true, false>(param, buffer, grad, state[0], n, a);
+  return sgd_flags<P, false, true>(param, buffer, grad, state[0], n, a);
+}
+
+// Instantiated here, so that they are compiled for this file's instruction set.
+template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool);
+template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool);
+template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool);
+template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool);
+template void step_entry<F32>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+template void step_entry<F64>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+template void step_entry<BF16>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+template void step_entry<F16>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);

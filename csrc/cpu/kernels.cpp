@@ -1,0 +1,213 @@
+// CPU implementations of the fused_accum ops: every call splits its tensors into
+// chunks and runs them on ATen's thread pool, each chunk through a vectorised loop
+// compiled for the baseline instruction set and, on x86-64, for AVX2+FMA+F16C, picked
+// once at run time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../checks.h"
+#include "../step_args.h"
+
+namespace fused_accum {
+namespace cpu {
+
+namespace baseline {
+#include "kernel_loops.h"
+}  // namespace baseline
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FUSED_ACCUM_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "kernel_loops.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool cpu_has_avx2() {
+#ifdef FUSED_ACCUM_HAVE_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool);
+using StepFn = void (*)(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+
+#ifdef FUSED_ACCUM_HAVE_AVX2
+#define FUSED_ACCUM_PICK(function, format) \
+  (cpu_has_avx2() ? &avx2::function<avx2::format> : &baseline::function<baseline::format>)
+#else
+#define FUSED_ACCUM_PICK(function, format) (&baseline::function<baseline::format>)
+#endif
+
+AccumulateFn accumulate_function(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return FUSED_ACCUM_PICK(accumulate_entry, F32);
+    case at::kDouble: return FUSED_ACCUM_PICK(accumulate_entry, F64);
+    case at::kBFloat16: return FUSED_ACCUM_PICK(accumulate_entry, BF16);
+    case at::kHalf: return FUSED_ACCUM_PICK(accumulate_entry, F16);
+    default: check_param_dtype(dtype); return nullptr;
+  }
+}
+
+StepFn step_function(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return FUSED_ACCUM_PICK(step_entry, F32);
+    case at::kDouble: return FUSED_ACCUM_PICK(step_entry, F64);
+    case at::kBFloat16: return FUSED_ACCUM_PICK(step_entry, BF16);
+    case at::kHalf: return FUSED_ACCUM_PICK(step_entry, F16);
+    default: check_param_dtype(dtype); return nullptr;
+  }
+}
+
+// A piece of one tensor, small enough to stay in cache between its loads and stores.
+struct Chunk {
+  size_t tensor;
+  int64_t begin;
+  int64_t size;
+};
+constexpr int64_t kChunkElements = int64_t(1) << 15;
+
+std::vector<Chunk> chunks_of(at::TensorList tensors) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t numel = tensors[t].numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunkElements) {
+      chunks.push_back({t, begin, std::min(kChunkElements, numel - begin)});
+    }
+  }
+  return chunks;
+}
+
+template <typename Fn>
+void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+  at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(chunks[size_t(i)]);
+  });
+}
+
+// Address of element `offset` of a dense tensor, in memory order.
+inline void* at_element(const at::Tensor& tensor, int64_t offset) {
+  return static_cast<char*>(tensor.data_ptr()) + offset * tensor.element_size();
+}
+
+void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
+                const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
+              " gradients for ", buffers.size(), " buffers");
+  if (grads.empty()) return;
+  const auto dtype = grads[0].scalar_type();
+  check_param_dtype(dtype);
+  check_buffers(buffers, dtype);
+  check_list(grads, buffers, "grads", dtype);
+  if (found_inf.has_value()) {
+    TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
+                    found_inf->device().is_cpu(),
+                "fused_accum: found_inf must be a one-element float32 CPU tensor");
+  }
+  const AccumulateFn run = accumulate_function(dtype);
+  const bool check = found_inf.has_value();
+  std::atomic<bool> nonfinite{false};
+  for_each_chunk(chunks_of(grads), [&](const Chunk& chunk) {
+    if (run(at_element(buffers[chunk.tensor], chunk.begin),
+            at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check)) {
+      nonfinite.store(true, std::memory_order_relaxed);
+    }
+  });
+  if (nonfinite.load()) found_inf->fill_(1.0);
+}
+
+void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
+          const std::vector<at::TensorList>& states, const StepArgs& args) {
+  const StepFn run = step_function(params[0].scalar_type());
+  for_each_chunk(chunks_of(params), [&](const Chunk& chunk) {
+    void* state[3] = {nullptr, nullptr, nullptr};
+    for (size_t s = 0; s < states.size(); ++s) {
+      if (!states[s].empty()) state[s] = at_element(states[s][chunk.tensor], chunk.begin);
+    }
+    const void* grad = grads.has_value() ? at_element((*grads)[chunk.tensor], chunk.begin) : nullptr;
+    run(at_element(params[chunk.tensor], chunk.begin),
+        at_element(buffers[chunk.tensor], chunk.begin), grad, state, chunk.size, args);
+  });
+}
+
+void sgd_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
+              at::TensorList momentum_buffers, bool use_buffer, double normaliser,
+              double grad_scale, double lr, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool init_momentum) {
+  check_step(params, buffers, grads, {{"momentum_buffers", momentum_buffers}}, use_buffer);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
+              "fused_accum: momentum needs one momentum buffer per parameter");
+  StepArgs args;
+  args.use_buffer = use_buffer;
+  args.has_grads = grads.has_value();
+  args.normaliser = normaliser;
+  args.grad_scale = grad_scale;
+  args.lr = lr;
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.init_momentum = init_momentum;
+  step(params, buffers, grads, {momentum_buffers}, args);
+}
+
+void adam_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
+               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, bool use_buffer, double normaliser,
+               double grad_scale, int64_t step_number, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+               bool maximize) {
+  check_step(params, buffers, grads,
+             {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+              {"max_exp_avg_sqs", max_exp_avg_sqs}},
+             use_buffer);
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "fused_accum: Adam needs exp_avgs and exp_avg_sqs for every parameter");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+              "fused_accum: amsgrad needs max_exp_avg_sqs for every parameter");
+  TORCH_CHECK(step_number >= 1, "fused_accum: Adam steps count from 1, got ", step_number);
+  StepArgs args;
+  args.adam = true;
+  args.use_buffer = use_buffer;
+  args.has_grads = grads.has_value();
+  args.normaliser = normaliser;
+  args.grad_scale = grad_scale;
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.decoupled_weight_decay = decoupled_weight_decay;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.set_adam_step(step_number);
+  step(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, args);
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(fused_accum, CPU, m) {
+  m.impl("accumulate", &cpu::accumulate);
+  m.impl("sgd_step", &cpu::sgd_step);
+  m.impl("adam_step", &cpu::adam_step);
+}
+
+}  // namespace fused_accum

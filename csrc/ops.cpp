@@ -1,0 +1,29 @@
+// The fused_accum operator library: schemas of the kernel spec (see
+// fused_accum/backends/spec.py). Implementations register per device in
+// cpu/kernels.cpp and cuda/kernels.cu.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_accum, m) {
+  m.def(
+      "accumulate(Tensor(a!)[] buffers, Tensor[] grads, float scale, bool overwrite, "
+      "Tensor(b!)? found_inf) -> ()");
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, "
+      "Tensor(b!)[] momentum_buffers, bool use_buffer, float normaliser, float grad_scale, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool init_momentum) -> ()");
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, bool use_buffer, "
+      "float normaliser, float grad_scale, int step, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
+      "bool maximize) -> ()");
+}
+
+// Importing fused_accum._C loads this library, and with it the registrations above.
+#include <Python.h>
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

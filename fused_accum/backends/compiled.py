@@ -1,0 +1,120 @@
+"""The compiled backends: the ops of csrc/ (torch.ops.fused_accum.*), CPU and CUDA.
+
+The extension fused_accum._C is imported on first use, never at package import; a
+build without a compiler or toolkit leaves it out and these backends unavailable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import like_buffer, write_back
+from .spec import StepBatch
+
+_import_error: str | None = None
+_loaded = False
+
+
+def _load() -> str | None:
+    """Import the extension once; return why it failed, or None."""
+    global _import_error, _loaded
+    if not _loaded:
+        try:
+            from .. import _C  # noqa: F401  (registers the ops)
+        except ImportError as error:
+            _import_error = str(error)
+        _loaded = True
+    return _import_error
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the compiled kernels cannot run on ``device``, or None if they can."""
+    error = _load()
+    if error is not None:
+        return (
+            f"the compiled kernels are not built ({error}); reinstall fused_accum on a "
+            f"machine with a C++ compiler (see README.md)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        return f"there are no compiled kernels for {device.type} tensors"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_accum::accumulate", key):
+        return (
+            f"this build of fused_accum has no {key} kernels (for CUDA: build where a CUDA "
+            f"toolkit is found, or with FUSED_ACCUM_CUDA=1 and CUDA_HOME set)"
+        )
+    return None
+
+
+class CompiledBackend:
+    """torch.ops.fused_accum on CPU (vectorised, multi-threaded) or CUDA."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._ops = torch.ops.fused_accum
+
+    def accumulate(
+        self,
+        buffers: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        *,
+        scale: float,
+        overwrite: bool,
+        found_inf: torch.Tensor | None = None,
+    ) -> None:
+        grads = [like_buffer(g, b) for g, b in zip(grads, buffers, strict=True)]
+        self._ops.accumulate(buffers, grads, float(scale), overwrite, found_inf)
+
+    def _operands(self, batch: StepBatch):
+        params = [like_buffer(p, b) for p, b in zip(batch.params, batch.buffers, strict=True)]
+        grads = None
+        if batch.grads is not None:
+            grads = [like_buffer(g, b) for g, b in zip(batch.grads, batch.buffers, strict=True)]
+        return params, grads
+
+    def sgd_step(
+        self,
+        batch: StepBatch,
+        momentum_buffers: list[torch.Tensor] | None,
+        *,
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+        maximize: bool,
+        init_momentum: bool,
+    ) -> None:
+        params, grads = self._operands(batch)
+        self._ops.sgd_step(
+            params, batch.buffers, grads, momentum_buffers or [], batch.use_buffer,
+            float(batch.normaliser), float(batch.grad_scale), float(lr), float(momentum),
+            float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
+        )  # fmt: skip
+        write_back(batch.params, params)
+
+    def adam_step(
+        self,
+        batch: StepBatch,
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        max_exp_avg_sqs: list[torch.Tensor] | None,
+        *,
+        step: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled_weight_decay: bool,
+        amsgrad: bool,
+        maximize: bool,
+    ) -> None:
+        params, grads = self._operands(batch)
+        self._ops.adam_step(
+            params, batch.buffers, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
+            batch.use_buffer, float(batch.normaliser), float(batch.grad_scale), int(step),
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            decoupled_weight_decay, amsgrad, maximize,
+        )  # fmt: skip
+        write_back(batch.params, params)

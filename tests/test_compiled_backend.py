@@ -1,0 +1,134 @@
+"""The compiled backends (csrc/) against the reference: every op, dtype and flag on odd
+sizes with poisoned padding. CPU kernels run here; CUDA kernels on a CUDA machine.
+
+Without the extension these tests skip, unless FUSED_ACCUM_EXPECT_COMPILED=1 (set by
+CI, which builds it), where a missing build fails them."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from backend_cases import run_accumulate, run_adam, run_found_inf, run_sgd, step_cases
+
+from fused_accum import FusedAccumAdamW, FusedAccumSGD
+from fused_accum.backends import compiled, resolve_backend
+
+SHAPES = [(1,), (31, 33), (70001,), (0,)]  # 70001: more than two chunks of 2**15
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DTYPE_IDS = ["fp32", "bf16", "fp16", "fp64"]
+
+
+def _device_param(name: str):
+    reason = compiled.unavailable_reason(torch.device(name))
+    if name == "cuda" and not torch.cuda.is_available():
+        reason = "needs CUDA"
+    elif reason is not None and os.environ.get("FUSED_ACCUM_EXPECT_COMPILED") == "1":
+        reason = None  # let the tests fail and show why
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+DEVICES = [_device_param("cpu"), _device_param("cuda")]
+
+
+def _backend(device):
+    return resolve_backend(device, torch.device(device), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["add", "overwrite"])
+def test_accumulate(device, dtype, overwrite):
+    run_accumulate(_backend(device), SHAPES, dtype, overwrite, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_found_inf_raised_by_one_element(device, bad_value, position, dtype):
+    run_found_inf(_backend(device), SHAPES, dtype, bad_value, position, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "name,kwargs", list(step_cases()), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_step(device, dtype, name, kwargs):
+    runner = {"sgd": run_sgd, "adam": run_adam}[name]
+    runner(_backend(device), SHAPES, dtype, device=device, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "optimizer_class,kwargs",
+    [
+        (FusedAccumSGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)),
+        (FusedAccumAdamW, dict(lr=0.01, amsgrad=True, maximize=True)),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_optimizer_with_compiled_kernels_equals_torch_backend(
+    device, dtype, optimizer_class, kwargs
+):
+    """Whole windows through the public API, with a channels_last and a transposed
+    parameter, weights and a gradient missing for a while."""
+    initial = [
+        torch.randn(3, 4, 5, 6, device=device).to(dtype).to(memory_format=torch.channels_last),
+        torch.randn(9, 7, device=device).to(dtype).t(),
+        torch.randn(1023, device=device).to(dtype),
+        torch.randn(0, device=device).to(dtype),
+    ]
+    runs = {}
+    for backend in (device, "torch"):
+        params = [torch.nn.Parameter(p.clone(memory_format=torch.preserve_format)) for p in initial]
+        optimizer = optimizer_class(params, accumulation_steps=3, backend=backend, **kwargs)
+        torch.manual_seed(5)
+        for micro_step in range(3 * 4 + 2):
+            for index, param in enumerate(params):
+                skip = index == 2 and 3 <= micro_step < 7
+                param.grad = None if skip else torch.randn_like(param)
+            optimizer.step(weight=1 + micro_step % 4)
+        optimizer.flush()
+        runs[backend] = (params, optimizer)
+    (ours, ours_optimizer), (expected, torch_optimizer) = runs[device], runs["torch"]
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (0, 5 * 2**-8)
+    for param, reference in zip(ours, expected, strict=True):
+        assert param.stride() == reference.stride()
+        torch.testing.assert_close(param, reference, atol=atol, rtol=rtol)
+        for key, value in torch_optimizer.state[reference].items():
+            torch.testing.assert_close(
+                ours_optimizer.state[param][key], value, atol=1e-3, rtol=1e-3
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contract_violations_raise_clear_errors(device):
+    buffer = torch.zeros(4, device=device)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[5\] but its accumulation"):
+        torch.ops.fused_accum.accumulate([buffer], [torch.ones(5, device=device)], 1.0, False, None)
+    with pytest.raises(RuntimeError, match=r"buffers\[0\] has dtype Half but Float is the accum"):
+        torch.ops.fused_accum.accumulate(
+            [buffer.half()], [torch.ones(4, device=device, dtype=torch.half)], 1.0, False, None
+        )
+    with pytest.raises(RuntimeError, match=r"must be float32, float64, bfloat16 or float16"):
+        torch.ops.fused_accum.accumulate(
+            [buffer], [torch.ones(4, device=device, dtype=torch.int32)], 1.0, False, None
+        )
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has strides \[1, 2\] but its accumulation"):
+        torch.ops.fused_accum.accumulate(
+            [torch.zeros(2, 2, device=device)],
+            [torch.ones(2, 2, device=device).t()],
+            1.0,
+            False,
+            None,
+        )
+    with pytest.raises(RuntimeError, match=r"Adam steps count from 1, got 0"):
+        torch.ops.fused_accum.adam_step(
+            [torch.ones(4, device=device)], [buffer], None, [buffer.clone()], [buffer.clone()], [],
+            True, 1.0, 1.0, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False, False,
+        )  # fmt: skip
