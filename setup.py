@@ -61,8 +61,11 @@ def _extensions():
         )
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 1, 4)))
     sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
-    # no errno from sqrt, so that loops calling it vectorise
-    compile_args = {"cxx": ["-O3", "-fno-math-errno"]}
+    # -fopenmp: ATen's parallel_for runs on OpenMP inside our own code, and without the
+    # flag its pragmas are ignored (one thread). -fno-math-errno: loops calling sqrt
+    # vectorise only when sqrt need not set errno.
+    compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fopenmp"]}
+    link_args = ["-fopenmp"]
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
@@ -70,7 +73,7 @@ def _extensions():
         sources.append("csrc/cuda/kernels.cu")
         compile_args["nvcc"] = ["-O3"]
         extension = cpp_extension.CUDAExtension(
-            "fused_accum._C", sources, extra_compile_args=compile_args
+            "fused_accum._C", sources, extra_compile_args=compile_args, extra_link_args=link_args
         )
     else:
         if mode == "auto":
@@ -78,7 +81,7 @@ def _extensions():
                 "fused_accum: no CUDA toolkit found; building the CPU kernels only", file=sys.stderr
             )
         extension = cpp_extension.CppExtension(
-            "fused_accum._C", sources, extra_compile_args=compile_args
+            "fused_accum._C", sources, extra_compile_args=compile_args, extra_link_args=link_args
         )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [extension], {"build_ext": build_ext}

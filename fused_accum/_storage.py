@@ -42,6 +42,7 @@ class FlatGroup:
         self.buffer = torch.zeros(0, dtype=self.accum_dtype, device=device)
         self.states: dict[str, torch.Tensor] = {}
         self._strides: list[tuple[int, ...]] = []
+        self._buffer_views: list[torch.Tensor] = []
 
     def add(self, params: list[torch.Tensor]) -> None:
         """Append parameters, growing every flat tensor and keeping existing contents."""
@@ -52,6 +53,7 @@ class FlatGroup:
             self.numel += -(-param.numel() // ALIGNMENT) * ALIGNMENT
         self.buffer = self._grown(self.buffer)
         self.states = {name: self._grown(flat) for name, flat in self.states.items()}
+        self._buffer_views = [self.view(self.buffer, i) for i in range(len(self.params))]
 
     def _grown(self, flat: torch.Tensor) -> torch.Tensor:
         grown = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
@@ -64,7 +66,7 @@ class FlatGroup:
         return flat.as_strided(param.shape, self._strides[index], self.offsets[index])
 
     def buffer_view(self, index: int) -> torch.Tensor:
-        return self.view(self.buffer, index)
+        return self._buffer_views[index]  # made once: views are asked for every micro-step
 
     def state_view(self, name: str, index: int) -> torch.Tensor:
         """The view of state ``name`` for parameter ``index``; the flat state tensor is

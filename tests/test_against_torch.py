@@ -1,6 +1,7 @@
-"""Each optimizer against torch.optim with manual fp32 accumulation (the oracle), over
-20 windows, every hyperparameter flag, accumulation_steps in {1, 2, 3, 8}, four
-parameter dtypes, odd sizes and a zero-size parameter last."""
+"""Each optimizer on the reference backend (which every other backend is held to)
+against torch.optim with manual fp32 accumulation (the oracle), over 20 windows, every
+hyperparameter flag, accumulation_steps in {1, 2, 3, 8}, four parameter dtypes, odd
+sizes and a zero-size parameter last."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _run(name, kwargs, dtype, steps):
     """Ours, the oracle in the same dtype, and the oracle in fp64 (the truth)."""
     initial = [torch.randn(shape).to(dtype) for shape in SHAPES]
     params = [p.clone().requires_grad_() for p in initial]
-    ours = OPTIMIZER_PAIRS[name][0](params, accumulation_steps=steps, **kwargs)
+    ours = OPTIMIZER_PAIRS[name][0](params, accumulation_steps=steps, backend="torch", **kwargs)
     oracle = Oracle(name, kwargs, initial, accumulation_dtype(dtype))
     truth = Oracle(name, kwargs, [p.double() for p in initial], torch.float64)
     for window in range(WINDOWS):

@@ -51,7 +51,7 @@ def test_round_trip_ours_torch_ours(name, kwargs):
     reference = torch_class(reference_params, foreach=False, **kwargs)
     grads = _grads(params, 9)
 
-    ours = ours_class(params, **kwargs)
+    ours = ours_class(params, backend="torch", **kwargs)
     for step in grads[:3]:
         _feed(ours, params, step)
         _feed(reference, reference_params, step)
@@ -64,7 +64,7 @@ def test_round_trip_ours_torch_ours(name, kwargs):
         _feed(reference, reference_params, step)
 
     back_params = _copy(torch_params)
-    back = ours_class(back_params, **kwargs)
+    back = ours_class(back_params, backend="torch", **kwargs)
     back.load_state_dict(_through_bytes(in_torch.state_dict()))
     for step in grads[6:]:
         _feed(back, back_params, step)

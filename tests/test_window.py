@@ -42,7 +42,9 @@ def test_classic_loop_equals_torch_sgd():
     """The seed loop: divide the loss by N, step only at the boundary, and step once
     more at the end for the remainder; with accumulation_steps=1 it is torch's."""
     ours_model, torch_model = _model(), _model()
-    ours = FusedAccumSGD(ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ours = FusedAccumSGD(
+        ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend="torch"
+    )
     reference = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     accumulation_steps = 4
     batches = _batches(4 * 5 + 3)
@@ -319,7 +321,7 @@ def test_param_groups_and_add_param_group_mid_window():
 
 def test_lr_scheduler_drives_the_learning_rate():
     model, torch_model = _model(), _model()
-    ours = FusedAccumAdamW(model.parameters(), lr=0.02)
+    ours = FusedAccumAdamW(model.parameters(), lr=0.02, backend="torch")
     reference = torch.optim.AdamW(torch_model.parameters(), lr=0.02, foreach=False)
     schedulers = [
         torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (ours, reference)

@@ -1,7 +1,7 @@
 // CPU implementations of the fused_accum ops: every call splits its tensors into
 // chunks and runs them on ATen's thread pool, each chunk through a vectorised loop
-// compiled for the baseline instruction set and, on x86-64, for AVX2+FMA+F16C, picked
-// once at run time.
+// compiled for the baseline instruction set and, on x86-64 with GCC, for AVX2 and for
+// AVX-512 as well, the widest the CPU runs picked once at run time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -24,33 +24,51 @@ namespace baseline {
 }  // namespace baseline
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FUSED_ACCUM_HAVE_AVX2 1
+#define FUSED_ACCUM_HAVE_X86_VARIANTS 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "kernel_loops.h"
 }  // namespace avx2
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace avx512 {
+#include "kernel_loops.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
 
-bool cpu_has_avx2() {
-#ifdef FUSED_ACCUM_HAVE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
+enum class InstructionSet { baseline, avx2, avx512 };
+
+// The widest instruction set this CPU runs that we compiled loops for.
+InstructionSet instruction_set() {
+#ifdef FUSED_ACCUM_HAVE_X86_VARIANTS
+  static const InstructionSet best = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    return avx512 ? InstructionSet::avx512 : avx2 ? InstructionSet::avx2 : InstructionSet::baseline;
+  }();
+  return best;
 #else
-  return false;
+  return InstructionSet::baseline;
 #endif
 }
 
 using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool);
 using StepFn = void (*)(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
 
-#ifdef FUSED_ACCUM_HAVE_AVX2
-#define FUSED_ACCUM_PICK(function, format) \
-  (cpu_has_avx2() ? &avx2::function<avx2::format> : &baseline::function<baseline::format>)
+#ifdef FUSED_ACCUM_HAVE_X86_VARIANTS
+#define FUSED_ACCUM_PICK(function, format)                                   \
+  (instruction_set() == InstructionSet::avx512 ? &avx512::function<avx512::format> \
+   : instruction_set() == InstructionSet::avx2 ? &avx2::function<avx2::format>     \
+                                               : &baseline::function<baseline::format>)
 #else
 #define FUSED_ACCUM_PICK(function, format) (&baseline::function<baseline::format>)
 #endif

@@ -1,0 +1,69 @@
+"""Timing helpers shared by the benchmarks: median and 20/80% quantiles of repeated
+runs, and the environment that each result row carries."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def measure(run: Callable[[], None], repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
+    """Seconds per call of ``run``: median, 20% and 80% quantiles over ``repeats``."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    quantiles = (
+        statistics.quantiles(seconds, n=10, method="inclusive")
+        if len(seconds) > 1
+        else [seconds[0]] * 9
+    )
+    return {
+        "median_s": statistics.median(seconds),
+        "p20_s": quantiles[1],
+        "p80_s": quantiles[7],
+        "repeats": repeats,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu") -> dict:
+    """Device name, date and versions, for every result row."""
+    import fused_accum
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    return {
+        "device": f"{name} ({torch.get_num_threads()} threads)" if device == "cpu" else name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fused_accum": fused_accum.__version__,
+    }
