@@ -1,0 +1,306 @@
+// CUDA implementations of the fused_accum ops, the second GPU backend beside Triton.
+//
+// Multi-tensor launches: the addresses of up to kMaxTensors[DEPTH] tensors and a table
+// of up to kMaxBlocks (tensor, chunk) pairs travel in the kernel's parameter block, so
+// a call needs no device-side metadata and one launch covers many tensors; longer
+// lists take several launches. Every block runs one chunk of one tensor.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../step_args.h"
+
+namespace fused_accum {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int64_t kChunk = 16 * 1024;  // elements per block
+constexpr int kMaxBlocks = 320;
+
+// Tensors per launch for DEPTH addresses each, keeping the table and the op's
+// arguments under the 4 KiB kernel parameter limit of older toolkits.
+template <int DEPTH>
+constexpr int max_tensors() {
+  return DEPTH <= 2 ? 80 : DEPTH <= 4 ? 48 : 36;
+}
+
+template <int DEPTH>
+struct TensorTable {
+  void* address[DEPTH][max_tensors<DEPTH>()];
+  int64_t numel[max_tensors<DEPTH>()];
+  unsigned char tensor_of_block[kMaxBlocks];
+  int chunk_of_block[kMaxBlocks];
+};
+static_assert(sizeof(TensorTable<2>) <= 3840 && sizeof(TensorTable<4>) <= 3840 &&
+                  sizeof(TensorTable<6>) <= 3840,
+              "the table must leave room for the op's arguments in 4 KiB");
+
+template <int DEPTH, typename Op>
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorTable<DEPTH> table, Op op) {
+  const int tensor = table.tensor_of_block[blockIdx.x];
+  const int64_t begin = int64_t(table.chunk_of_block[blockIdx.x]) * kChunk;
+  const int64_t numel = table.numel[tensor];
+  const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) op(table, tensor, i);
+}
+
+// Runs `op` over every element of every tensor: `operands[d][t]` is operand d of
+// tensor t (nullptr where unused), all laid out like `shapes[t]`.
+template <int DEPTH, typename Op>
+void for_each_element(const std::vector<std::vector<void*>>& operands, at::TensorList shapes,
+                      const Op& op) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TensorTable<DEPTH> table;
+  int tensors = 0, blocks = 0;
+  auto launch = [&] {
+    if (blocks == 0) return;
+    multi_tensor_kernel<DEPTH, Op><<<blocks, kThreads, 0, stream>>>(table, op);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tensors = 0;
+    blocks = 0;
+  };
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    const int64_t numel = shapes[t].numel();
+    if (numel == 0) continue;
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks <= INT32_MAX, "fused_accum: tensor ", t, " is too large");
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      if (chunk == 0 || blocks == 0) {  // (re)register the tensor in this launch's table
+        if (tensors == max_tensors<DEPTH>()) launch();
+        for (int d = 0; d < DEPTH; ++d) table.address[d][tensors] = operands[d][t];
+        table.numel[tensors] = numel;
+        ++tensors;
+      }
+      table.tensor_of_block[blocks] = static_cast<unsigned char>(tensors - 1);
+      table.chunk_of_block[blocks] = static_cast<int>(chunk);
+      if (++blocks == kMaxBlocks) launch();
+    }
+  }
+  launch();
+}
+
+std::vector<void*> addresses(at::TensorList tensors, size_t count) {
+  std::vector<void*> result(count, nullptr);
+  for (size_t i = 0; i < tensors.size(); ++i) result[i] = tensors[i].data_ptr();
+  return result;
+}
+
+template <typename A>
+__device__ __forceinline__ bool finite(A value) {
+  return value - value == A(0);
+}
+
+template <typename G, typename A>
+struct Accumulate {
+  A scale;
+  bool overwrite;
+  float* found_inf;
+  template <typename Table>
+  __device__ void operator()(const Table& table, int t, int64_t i) const {
+    auto* buffer = static_cast<A*>(table.address[0][t]);
+    const A value = static_cast<A>(static_cast<const G*>(table.address[1][t])[i]);
+    if (found_inf != nullptr && !finite(value)) *found_inf = 1.f;
+    A sum = value * scale;
+    if (!overwrite) sum += buffer[i];
+    buffer[i] = sum;
+  }
+};
+
+template <typename P, typename A>
+__device__ __forceinline__ A applied_gradient(const A* buffer, const P* grad, int64_t i,
+                                              const StepArgs& a) {
+  A gradient = a.use_buffer ? buffer[i] * A(a.normaliser) : A(0);
+  if (a.has_grads) gradient += static_cast<A>(grad[i]) * A(a.grad_scale);
+  return a.maximize ? -gradient : gradient;
+}
+
+template <typename P, typename A>
+struct Sgd {
+  StepArgs a;
+  template <typename Table>
+  __device__ void operator()(const Table& table, int t, int64_t i) const {
+    auto* param = static_cast<P*>(table.address[0][t]);
+    A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
+                                        static_cast<const P*>(table.address[2][t]), i, a);
+    A value = static_cast<A>(param[i]);
+    if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
+    if (a.momentum != 0) {
+      auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
+      const A velocity = a.init_momentum
+                             ? gradient
+                             : momentum_buffer[i] * A(a.momentum) + A(1 - a.dampening) * gradient;
+      momentum_buffer[i] = velocity;
+      gradient = a.nesterov ? gradient + A(a.momentum) * velocity : velocity;
+    }
+    value -= A(a.lr) * gradient;
+    param[i] = static_cast<P>(value);
+  }
+};
+
+template <typename P, typename A>
+struct Adam {
+  StepArgs a;
+  template <typename Table>
+  __device__ void operator()(const Table& table, int t, int64_t i) const {
+    auto* param = static_cast<P*>(table.address[0][t]);
+    A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
+                                        static_cast<const P*>(table.address[2][t]), i, a);
+    A value = static_cast<A>(param[i]);
+    if (a.weight_decay != 0) {
+      if (a.decoupled_weight_decay) {
+        value *= A(1 - a.lr * a.weight_decay);
+      } else {
+        gradient += A(a.weight_decay) * value;
+      }
+    }
+    auto* exp_avg = static_cast<A*>(table.address[3][t]);
+    auto* exp_avg_sq = static_cast<A*>(table.address[4][t]);
+    A first = exp_avg[i];
+    first += A(1 - a.beta1) * (gradient - first);
+    const A second = exp_avg_sq[i] * A(a.beta2) + A(1 - a.beta2) * gradient * gradient;
+    exp_avg[i] = first;
+    exp_avg_sq[i] = second;
+    A second_moment = second;
+    if (a.amsgrad) {
+      auto* max_exp_avg_sq = static_cast<A*>(table.address[5][t]);
+      const A running_max = max_exp_avg_sq[i];
+      second_moment = (running_max < second || second != second) ? second : running_max;
+      max_exp_avg_sq[i] = second_moment;
+    }
+    const A denominator = sqrt(second_moment) / A(a.bias_correction2_sqrt) + A(a.eps);
+    value -= A(a.step_size) * (first / denominator);
+    param[i] = static_cast<P>(value);
+  }
+};
+
+void check_device(at::TensorList tensors, const at::Device& device, const char* what) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].device() == device, "fused_accum: ", what, "[", i, "] is on ",
+                tensors[i].device(), " but the call runs on ", device);
+  }
+}
+
+void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
+                const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
+              " gradients for ", buffers.size(), " buffers");
+  if (grads.empty()) return;
+  const auto dtype = grads[0].scalar_type();
+  check_param_dtype(dtype);
+  check_buffers(buffers, dtype);
+  check_list(grads, buffers, "grads", dtype);
+  const at::Device device = buffers[0].device();
+  check_device(buffers, device, "buffers");
+  float* flag = nullptr;
+  if (found_inf.has_value()) {
+    TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
+                    found_inf->device() == device,
+                "fused_accum: found_inf must be a one-element float32 tensor on ", device);
+    flag = found_inf->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const std::vector<std::vector<void*>> operands = {addresses(buffers, buffers.size()),
+                                                    addresses(grads, grads.size())};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_accum_accumulate", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    for_each_element<2>(operands, grads, Accumulate<scalar_t, A>{A(scale), overwrite, flag});
+  });
+}
+
+template <int DEPTH>
+void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
+          const std::vector<at::TensorList>& states, const StepArgs& args) {
+  const at::Device device = params[0].device();
+  check_device(params, device, "params");
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t count = params.size();
+  std::vector<std::vector<void*>> operands = {addresses(params, count), addresses(buffers, count),
+                                              grads.has_value() ? addresses(*grads, count)
+                                                                : std::vector<void*>(count)};
+  for (const auto& state : states) operands.push_back(addresses(state, count));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "fused_accum_step", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if constexpr (DEPTH == 4) {
+      for_each_element<4>(operands, params, Sgd<scalar_t, A>{args});
+    } else {
+      for_each_element<6>(operands, params, Adam<scalar_t, A>{args});
+    }
+  });
+}
+
+void sgd_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
+              at::TensorList momentum_buffers, bool use_buffer, double normaliser,
+              double grad_scale, double lr, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool init_momentum) {
+  check_step(params, buffers, grads, {{"momentum_buffers", momentum_buffers}}, use_buffer);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
+              "fused_accum: momentum needs one momentum buffer per parameter");
+  StepArgs args;
+  args.use_buffer = use_buffer;
+  args.has_grads = grads.has_value();
+  args.normaliser = normaliser;
+  args.grad_scale = grad_scale;
+  args.lr = lr;
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.init_momentum = init_momentum;
+  step<4>(params, buffers, grads, {momentum_buffers}, args);
+}
+
+void adam_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
+               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, bool use_buffer, double normaliser,
+               double grad_scale, int64_t step_number, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
+               bool maximize) {
+  check_step(params, buffers, grads,
+             {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+              {"max_exp_avg_sqs", max_exp_avg_sqs}},
+             use_buffer);
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "fused_accum: Adam needs exp_avgs and exp_avg_sqs for every parameter");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
+              "fused_accum: amsgrad needs max_exp_avg_sqs for every parameter");
+  TORCH_CHECK(step_number >= 1, "fused_accum: Adam steps count from 1, got ", step_number);
+  StepArgs args;
+  args.adam = true;
+  args.use_buffer = use_buffer;
+  args.has_grads = grads.has_value();
+  args.normaliser = normaliser;
+  args.grad_scale = grad_scale;
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.decoupled_weight_decay = decoupled_weight_decay;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.set_adam_step(step_number);
+  step<6>(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, args);
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fused_accum, CUDA, m) {
+  m.impl("accumulate", &cuda::accumulate);
+  m.impl("sgd_step", &cuda::sgd_step);
+  m.impl("adam_step", &cuda::adam_step);
+}
+
+}  // namespace fused_accum
