@@ -132,3 +132,19 @@ def test_contract_violations_raise_clear_errors(device):
             [torch.ones(4, device=device)], [buffer], None, [buffer.clone()], [buffer.clone()], [],
             True, 1.0, 1.0, 0, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False, False,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES[:1])
+def test_ops_trace_under_torch_compile(device):
+    """The ops have fake implementations, so torch.compile traces through them."""
+    buffer = torch.zeros(8)
+    grad = torch.randn(8)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def fold_twice(buffer, grad):
+        torch.ops.fused_accum.accumulate([buffer], [grad], 0.5, True, None)
+        torch.ops.fused_accum.accumulate([buffer], [grad], 0.25, False, None)
+
+    _backend(device)  # loads the extension and its fakes
+    fold_twice(buffer, grad)
+    torch.testing.assert_close(buffer, 0.75 * grad)

@@ -23,8 +23,20 @@ def _load() -> str | None:
             from .. import _C  # noqa: F401  (registers the ops)
         except ImportError as error:
             _import_error = str(error)
+        else:
+            _register_fakes()
         _loaded = True
     return _import_error
+
+
+def _register_fakes() -> None:
+    """Shape functions for torch.compile: the ops only mutate their inputs."""
+
+    def mutates_only(*args, **kwargs) -> None:
+        return None
+
+    for op in ("accumulate", "sgd_step", "adam_step"):
+        torch.library.register_fake(f"fused_accum::{op}", mutates_only)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
