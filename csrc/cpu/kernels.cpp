@@ -15,6 +15,7 @@
 
 #include "../checks.h"
 #include "../step_args.h"
+#include "../step_ops.h"
 
 namespace fused_accum {
 namespace cpu {
@@ -164,68 +165,13 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
   });
 }
 
-void sgd_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
-              at::TensorList momentum_buffers, bool use_buffer, double normaliser,
-              double grad_scale, double lr, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool init_momentum) {
-  check_step(params, buffers, grads, {{"momentum_buffers", momentum_buffers}}, use_buffer);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
-              "fused_accum: momentum needs one momentum buffer per parameter");
-  StepArgs args;
-  args.use_buffer = use_buffer;
-  args.has_grads = grads.has_value();
-  args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
-  args.lr = lr;
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
-  args.nesterov = nesterov;
-  args.maximize = maximize;
-  args.init_momentum = init_momentum;
-  step(params, buffers, grads, {momentum_buffers}, args);
-}
-
-void adam_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
-               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, bool use_buffer, double normaliser,
-               double grad_scale, int64_t step_number, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-               bool maximize) {
-  check_step(params, buffers, grads,
-             {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-              {"max_exp_avg_sqs", max_exp_avg_sqs}},
-             use_buffer);
-  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
-              "fused_accum: Adam needs exp_avgs and exp_avg_sqs for every parameter");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "fused_accum: amsgrad needs max_exp_avg_sqs for every parameter");
-  TORCH_CHECK(step_number >= 1, "fused_accum: Adam steps count from 1, got ", step_number);
-  StepArgs args;
-  args.adam = true;
-  args.use_buffer = use_buffer;
-  args.has_grads = grads.has_value();
-  args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
-  args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.decoupled_weight_decay = decoupled_weight_decay;
-  args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.set_adam_step(step_number);
-  step(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, args);
-}
-
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(fused_accum, CPU, m) {
   m.impl("accumulate", &cpu::accumulate);
-  m.impl("sgd_step", &cpu::sgd_step);
-  m.impl("adam_step", &cpu::adam_step);
+  m.impl("sgd_step", &sgd_step_op<&cpu::step>);
+  m.impl("adam_step", &adam_step_op<&cpu::step>);
 }
 
 }  // namespace fused_accum

@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "../step_args.h"
+#include "../step_ops.h"
 
 namespace fused_accum {
 namespace cuda {
@@ -217,7 +218,6 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   });
 }
 
-template <int DEPTH>
 void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
           const std::vector<at::TensorList>& states, const StepArgs& args) {
   const at::Device device = params[0].device();
@@ -231,67 +231,12 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "fused_accum_step", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if constexpr (DEPTH == 4) {
-      for_each_element<4>(operands, params, Sgd<scalar_t, A>{args});
-    } else {
+    if (args.adam) {
       for_each_element<6>(operands, params, Adam<scalar_t, A>{args});
+    } else {
+      for_each_element<4>(operands, params, Sgd<scalar_t, A>{args});
     }
   });
-}
-
-void sgd_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
-              at::TensorList momentum_buffers, bool use_buffer, double normaliser,
-              double grad_scale, double lr, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool init_momentum) {
-  check_step(params, buffers, grads, {{"momentum_buffers", momentum_buffers}}, use_buffer);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
-              "fused_accum: momentum needs one momentum buffer per parameter");
-  StepArgs args;
-  args.use_buffer = use_buffer;
-  args.has_grads = grads.has_value();
-  args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
-  args.lr = lr;
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
-  args.nesterov = nesterov;
-  args.maximize = maximize;
-  args.init_momentum = init_momentum;
-  step<4>(params, buffers, grads, {momentum_buffers}, args);
-}
-
-void adam_step(at::TensorList params, at::TensorList buffers, std::optional<at::TensorList> grads,
-               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, bool use_buffer, double normaliser,
-               double grad_scale, int64_t step_number, double lr, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-               bool maximize) {
-  check_step(params, buffers, grads,
-             {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-              {"max_exp_avg_sqs", max_exp_avg_sqs}},
-             use_buffer);
-  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
-              "fused_accum: Adam needs exp_avgs and exp_avg_sqs for every parameter");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
-              "fused_accum: amsgrad needs max_exp_avg_sqs for every parameter");
-  TORCH_CHECK(step_number >= 1, "fused_accum: Adam steps count from 1, got ", step_number);
-  StepArgs args;
-  args.adam = true;
-  args.use_buffer = use_buffer;
-  args.has_grads = grads.has_value();
-  args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
-  args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.decoupled_weight_decay = decoupled_weight_decay;
-  args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.set_adam_step(step_number);
-  step<6>(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, args);
 }
 
 }  // namespace
@@ -299,8 +244,8 @@ void adam_step(at::TensorList params, at::TensorList buffers, std::optional<at::
 
 TORCH_LIBRARY_IMPL(fused_accum, CUDA, m) {
   m.impl("accumulate", &cuda::accumulate);
-  m.impl("sgd_step", &cuda::sgd_step);
-  m.impl("adam_step", &cuda::adam_step);
+  m.impl("sgd_step", &sgd_step_op<&cuda::step>);
+  m.impl("adam_step", &adam_step_op<&cuda::step>);
 }
 
 }  // namespace fused_accum
