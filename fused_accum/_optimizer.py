@@ -91,7 +91,9 @@ class FusedAccumOptimizer(Optimizer):
         buffers (and, with ``accumulate_in_backward``, backward hooks) at once."""
         param_group = dict(param_group)
         params = param_group["params"]
-        if not isinstance(params, (torch.Tensor, set)):
+        if isinstance(params, torch.Tensor):
+            param_group["params"] = params = [params]
+        elif not isinstance(params, set):  # torch.optim rejects sets with its own error
             param_group["params"] = params = list(params)
         if isinstance(params, list):
             self._check_new_params(_param_tensors(params), len(self.param_groups))
@@ -154,12 +156,17 @@ class FusedAccumOptimizer(Optimizer):
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         problem = None
-        group, _ = self._accumulation.slots[param]
-        if (param.device, param.dtype) != (group.device, group.param_dtype):
+        group, index = self._accumulation.slots[param]
+        if (param.device, param.dtype, param.shape) != (
+            group.device,
+            group.param_dtype,
+            group.buffer_view(index).shape,
+        ):
             problem = (
-                f"is now {param.dtype} on {param.device} but was {group.param_dtype} on "
-                f"{group.device} when the optimizer took it; create the optimizer after "
-                f"moving or casting the model"
+                f"is now {param.dtype} of shape {tuple(param.shape)} on {param.device} but "
+                f"was {group.param_dtype} of shape {tuple(group.buffer_view(index).shape)} "
+                f"on {group.device} when the optimizer took it; create the optimizer after "
+                f"moving, casting or resizing the model"
             )
         elif grad.is_sparse or grad.layout != torch.strided:
             problem = (
@@ -231,7 +238,7 @@ class FusedAccumOptimizer(Optimizer):
 
     @property
     def last_step_applied(self) -> bool:
-        """Whether the last step() ended a window and applied an update."""
+        """Whether the last step() or flush() ended a window and applied an update."""
         return self._accumulation.last_step_applied
 
     @property
@@ -273,14 +280,14 @@ class FusedAccumOptimizer(Optimizer):
             self._register_hooks(self._all_params())
         pairs = self._take_grads()
         accumulation = self._accumulation
+        boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
+        if not boundary:
+            accumulation.fold(pairs, weight)
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
-        boundary = accumulation.window_micro_steps >= self.accumulation_steps
         if boundary:
             self._apply_window(pairs, weight)
-        else:
-            accumulation.fold(pairs, weight)
         accumulation.last_step_applied = boundary
         return loss
 
@@ -298,6 +305,7 @@ class FusedAccumOptimizer(Optimizer):
         if self._accumulation.window_micro_steps == 0:
             return False
         self._apply_window([], 0.0)
+        self._accumulation.last_step_applied = True
         return True
 
     def discard_window(self) -> None:
@@ -368,7 +376,6 @@ class FusedAccumOptimizer(Optimizer):
         state_dict = super().state_dict()
         accumulation = self._accumulation
         state_dict["accumulation"] = {
-            "accumulation_steps": self.accumulation_steps,
             "window_micro_steps": accumulation.window_micro_steps,
             "window_weight": accumulation.window_weight,
             "micro_step_count": accumulation.micro_step_count,
@@ -385,13 +392,19 @@ class FusedAccumOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the matching torch.optim optimizer
         (state is converted to the accumulation dtype, fp32, whatever it was saved
-        in). A torch.optim state dict leaves an empty window."""
+        in). A torch.optim state dict leaves an empty window. ``accumulation_steps`` is
+        a setting, not state: the constructor's value stays. Everything is checked
+        before anything changes, so a state dict that does not fit raises and leaves
+        the optimizer as it was."""
         state_dict = dict(state_dict)
         saved_state = state_dict.pop("state")
-        window = state_dict.pop("accumulation", None)
+        window = state_dict.pop("accumulation", None) or {"buffers": {}}
+        id_map = self._check_state_dict(state_dict["param_groups"], saved_state, window)
+        # The saved tensors may be views of our own flat storage (a state dict of this
+        # very optimizer, held in memory): copy those out before that storage changes.
+        saved_state = {k: self._detached(v) for k, v in saved_state.items()}
+        buffers = self._detached(window["buffers"])
         super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        id_map = dict(zip(saved_ids, self._all_params(), strict=True))
         accumulation = self._accumulation
         for flat_group in accumulation.groups.values():
             for flat in flat_group.states.values():
@@ -400,25 +413,56 @@ class FusedAccumOptimizer(Optimizer):
             param = id_map[saved_id]
             self.state[param] = self._load_param_state(param, param_state)
         self.discard_window()
-        if window is None:
-            return
-        self.accumulation_steps = window["accumulation_steps"]
-        accumulation.window_micro_steps = int(window["window_micro_steps"])
-        accumulation.window_weight = float(window["window_weight"])
-        accumulation.micro_step_count = int(window["micro_step_count"])
-        accumulation.update_count = int(window["update_count"])
-        accumulation.last_step_applied = bool(window["last_step_applied"])
-        for saved_id, buffer in window["buffers"].items():
+        for saved_id, buffer in buffers.items():
             param = id_map[saved_id]
-            self._check_saved_shape(param, "accumulation buffer", buffer)
             accumulation.buffer_view(param).copy_(buffer)
             accumulation.holds_sum.add(param)
+        for name in ("window_micro_steps", "micro_step_count", "update_count"):
+            setattr(accumulation, name, int(window.get(name, 0)))
+        accumulation.window_weight = float(window.get("window_weight", 0.0))
+        accumulation.last_step_applied = bool(window.get("last_step_applied", False))
+
+    def _check_state_dict(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict
+    ) -> dict[Any, torch.Tensor]:
+        """The map from saved parameter ids to our parameters, once every group size
+        and every saved tensor's shape has been checked."""
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the "
+                    "size of optimizer's group"
+                )
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        id_map = dict(zip(saved_ids, self._all_params(), strict=True))
+        for saved_id, param_state in saved_state.items():
+            for name, value in param_state.items():
+                if name in self._flat_state_names and isinstance(value, torch.Tensor):
+                    self._check_saved_shape(id_map[saved_id], name, value)
+        for saved_id, buffer in window["buffers"].items():
+            self._check_saved_shape(id_map[saved_id], "accumulation buffer", buffer)
+        return id_map
+
+    def _detached(self, value: Any) -> Any:
+        """``value`` with every tensor that lives in our flat storage copied out."""
+        if isinstance(value, dict):
+            return {key: self._detached(item) for key, item in value.items()}
+        if isinstance(value, torch.Tensor):
+            ours = {
+                flat.untyped_storage().data_ptr()
+                for group in self._accumulation.groups.values()
+                for flat in (group.buffer, *group.states.values())
+            }
+            if value.untyped_storage().data_ptr() in ours:
+                return value.clone()
+        return value
 
     def _load_param_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
         loaded: dict[str, Any] = {}
         for name, value in saved.items():
             if name in self._flat_state_names and isinstance(value, torch.Tensor):
-                self._check_saved_shape(param, name, value)
                 view = self._accumulation.state_view(param, name)
                 view.copy_(value)
                 loaded[name] = view
@@ -435,6 +479,13 @@ class FusedAccumOptimizer(Optimizer):
                 f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}; "
                 f"the state dict belongs to a different model"
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled or deep-copied: its accumulation "
+            f"buffers and backward hooks do not travel that way. Save state_dict() and "
+            f"load it into a new optimizer instead"
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -25,7 +25,8 @@ _ACCUMULATION_DOC = r"""
     A parameter whose ``.grad`` is None in a micro-step contributes zero to it; one with
     no gradient in the whole window is not updated (its step count does not advance),
     as torch.optim skips parameters whose grad is None. With ``accumulation_steps=1``
-    (the default) every step() updates and results equal torch.optim's.
+    (the default) every step() updates with torch.optim's results (bit for bit with
+    ``backend="torch"``, within fp32 rounding on the fused backends).
 
     :meth:`flush` applies a partial window (the end of an epoch); :meth:`discard_window`
     drops it. ``zero_grad()`` only clears ``.grad``, never the buffers.

@@ -32,9 +32,10 @@ class FusedAccumSGD(FusedAccumOptimizer):
     when micro-batches differ in size. A parameter whose ``.grad`` is None in a
     micro-step contributes zero to it; one with no gradient in the whole window is not
     updated at all (as torch.optim skips parameters whose grad is None). With
-    ``accumulation_steps=1`` (the default) every step() updates, and results equal
-    torch.optim.SGD's, so the classic loop that divides the loss by N and calls step()
-    only every N micro-batches works unchanged.
+    ``accumulation_steps=1`` (the default) every step() updates with torch.optim.SGD's
+    results (bit for bit with ``backend="torch"``, within fp32 rounding on the fused
+    backends), so the classic loop that divides the loss by N and calls step() only
+    every N micro-batches works unchanged.
 
     :meth:`flush` applies a partial window (the end of an epoch); :meth:`discard_window`
     drops it. ``zero_grad()`` only clears ``.grad``, never the buffers.

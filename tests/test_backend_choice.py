@@ -53,6 +53,13 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         FusedAccumSGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, backend="triton")
 
 
+def test_fp64_goes_to_other_backends_than_triton(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", CUDA, torch.float64).name != "triton"
+    with pytest.raises(ValueError, match=r"hyperparameters of fp64 parameters"):
+        resolve_backend("triton", CUDA, torch.float64)
+
+
 def test_triton_on_another_device_type():
     with pytest.raises(ValueError, match=r"Triton does not run on meta tensors"):
         resolve_backend("triton", torch.device("meta"), torch.float32)

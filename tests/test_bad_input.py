@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -98,6 +100,8 @@ def test_duplicate_parameters():
 def test_unsupported_parameters(tensor, message):
     with pytest.raises(ValueError, match=message):
         FusedAccumAdam([_param(2), tensor])
+    with pytest.raises(ValueError, match=message):  # a group holding one bare tensor
+        FusedAccumAdam([{"params": _param(2)}, {"params": tensor}])
 
 
 def test_unsupported_options():
@@ -142,12 +146,27 @@ def test_gradient_of_another_dtype_or_shape():
     _expect_step_error(param, r"has a gradient of shape \(2, 2\) but has shape \(4,\)")
 
 
+def test_parameter_resized_after_the_optimizer_took_it():
+    first, second = _param(4), _param(4)
+    optimizer = FusedAccumSGD([first, second], lr=0.1, accumulation_steps=2)
+    first.data = torch.ones(20)
+    first.grad, second.grad = torch.ones(20), torch.ones(4)
+    with pytest.raises(
+        RuntimeError, match=r"of shape \(20,\) on cpu but was torch.float32 of shape \(4,\)"
+    ):
+        optimizer.step()
+    assert optimizer.micro_step_count == 0 and optimizer.window_weight == 0.0
+    assert second.grad is not None
+
+
 def test_parameter_cast_after_the_optimizer_took_it():
     model = torch.nn.Linear(3, 2)
     optimizer = FusedAccumSGD(model.parameters(), lr=0.1)
     model.double()
     model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
-    with pytest.raises(RuntimeError, match=r"is now torch.float64 on cpu but was torch.float32"):
+    with pytest.raises(
+        RuntimeError, match=r"is now torch.float64 of shape \(2, 3\) on cpu but was torch.float32"
+    ):
         optimizer.step()
 
 
@@ -158,3 +177,11 @@ def test_named_parameters_name_the_culprit():
     model.bias.grad.data = torch.zeros(3)
     with pytest.raises(RuntimeError, match=r"parameter 1 \(bias\) of param group 0"):
         optimizer.step()
+
+
+def test_pickling_or_deep_copying_says_to_use_the_state_dict():
+    optimizer = FusedAccumAdamW([_param(3)])
+    with pytest.raises(TypeError, match=r"cannot be pickled or deep-copied.*state_dict\(\)"):
+        copy.deepcopy(optimizer)
+    with pytest.raises(TypeError, match=r"cannot be pickled or deep-copied"):
+        pickle.dumps(optimizer)

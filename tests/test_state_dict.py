@@ -115,9 +115,8 @@ def test_mid_window_stop_and_resume_is_bit_identical(
     uninterrupted.flush()
 
     resumed_model.load_state_dict(checkpoint["model"])
-    resumed = optimizer_class(resumed_model.parameters(), **{**kwargs, "accumulation_steps": 1})
+    resumed = optimizer_class(resumed_model.parameters(), **kwargs)
     resumed.load_state_dict(checkpoint["optimizer"])
-    assert resumed.accumulation_steps == 4
     assert resumed.window_micro_steps == 2 and resumed.micro_step_count == stop
     train(resumed_model, resumed, batches[stop:], weights[stop:])
     resumed.flush()
@@ -157,3 +156,45 @@ def test_loading_a_torch_state_dict_into_a_model_of_another_shape_fails_clearly(
     optimizer = FusedAccumSGD(other, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"has shape \(7, 3\) but the parameter has shape"):
         optimizer.load_state_dict(reference.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_loading_a_state_dict_held_in_memory_keeps_the_state(backend):
+    """state_dict() returns views of the optimizer's own storage; loading it back, or
+    into a second optimizer sharing nothing, must not zero it on the way."""
+    params = _params()
+    optimizer = FusedAccumAdamW(params, lr=0.01, accumulation_steps=2, backend=backend)
+    for step in _grads(params, 3):  # one update and a window in progress
+        _feed(optimizer, params, step)
+    expected = {key: value.clone() for key, value in optimizer.state[params[0]].items()}
+    buffer = optimizer._accumulation.buffer_view(params[0]).clone()
+    optimizer.load_state_dict(optimizer.state_dict())
+    for key, value in expected.items():
+        assert torch.equal(optimizer.state[params[0]][key], value), key
+    assert torch.equal(optimizer._accumulation.buffer_view(params[0]), buffer)
+    assert optimizer.window_micro_steps == 1
+
+
+def test_a_state_dict_that_does_not_fit_changes_nothing():
+    params = _params()
+    optimizer = FusedAccumSGD(params, lr=0.1, momentum=0.9, accumulation_steps=2)
+    for step in _grads(params, 3):
+        _feed(optimizer, params, step)
+    before = {i: optimizer.state[p]["momentum_buffer"].clone() for i, p in enumerate(params)}
+    other = [torch.nn.Parameter(torch.randn(3, 7)), *_copy(params[1:])]
+    wrong = FusedAccumSGD(other, lr=0.5, momentum=0.9)
+    _feed(wrong, other, _grads(other, 1)[0])
+    with pytest.raises(ValueError, match=r"has shape \(3, 7\) but the parameter has shape"):
+        optimizer.load_state_dict(wrong.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.window_micro_steps == 1
+    for index, param in enumerate(params):
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], before[index])
+
+
+def test_accumulation_steps_is_a_setting_not_state():
+    params = _params()
+    saved = FusedAccumSGD(params, lr=0.1, accumulation_steps=4)
+    _feed(saved, params, _grads(params, 1)[0])
+    loaded = FusedAccumSGD(_copy(params), lr=0.1, accumulation_steps=2)
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.accumulation_steps == 2 and loaded.window_micro_steps == 1

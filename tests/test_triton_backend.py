@@ -30,8 +30,8 @@ DEVICES = [
     ),
 ]
 SHAPES = [(1,), (31, 33), (4099,), (0,)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-DTYPE_IDS = ["fp32", "bf16", "fp16", "fp64"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # fp64 goes to other backends
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 
 from fused_accum.backends import triton_kernels as kernels
 
-TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets")
 
 
@@ -72,11 +72,8 @@ def _operands(table, param_dtype, acc):
 
 
 def variants():
-    for arch, table, dtype in itertools.product(
-        (80, 90), (True, False), ("fp32", "bf16", "fp16", "fp64")
-    ):
-        acc = "fp64" if dtype == "fp64" else "fp32"
-        operands = _operands(table, dtype, acc)
+    for arch, table, dtype in itertools.product((80, 90), (True, False), ("fp32", "bf16", "fp16")):
+        operands = _operands(table, dtype, "fp32")
         common = dict(POINTER_TABLE=table, BLOCK=1024)
         yield (
             "accumulate", arch, f"{dtype} table={table}",

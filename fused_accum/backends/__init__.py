@@ -35,11 +35,11 @@ _instances: dict[str, Backend] = {}
 _noticed: set[str] = set()
 
 
-def _unavailable_reason(name: str, device: torch.device) -> str | None:
+def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     if name == "triton":
         from .triton_backend import unavailable_reason
 
-        return unavailable_reason(device)
+        return unavailable_reason(device, dtype)
     if device.type != name:
         return f"backend={name!r} runs {name.upper()} tensors"
     from .compiled import unavailable_reason
@@ -72,7 +72,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     if name == "auto":
         reasons = []
         for candidate in _AUTO_ORDER.get(device.type, ()):
-            reason = _unavailable_reason(candidate, device)
+            reason = _unavailable_reason(candidate, device, dtype)
             if reason is None:
                 return _instance(candidate)
             reasons.append(f"{candidate}: {reason}")
@@ -84,7 +84,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
                 stacklevel=2,
             )
         return _REFERENCE
-    reason = _unavailable_reason(name, device)
+    reason = _unavailable_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(
             f"backend={name!r} cannot run the {dtype} parameters on {device}: {reason}; "

@@ -19,19 +19,24 @@ from .spec import StepBatch
 
 BLOCK = 1024
 _INTERPRETER_BLOCK = 128  # the interpreter runs a block as numpy arrays: keep them small
-_ADDRESS_TABLES_KEPT = 16
+_KEPT_PER_CACHE = 16
 
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton backend cannot run on ``device``, or None if it can."""
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton backend cannot run ``dtype`` parameters on ``device``, or None."""
     try:
         import triton  # noqa: F401
     except Exception as error:  # an ImportError, or a broken install failing otherwise
         return f"triton cannot be imported ({type(error).__name__}: {error})"
+    if dtype == torch.float64:
+        return (
+            "Triton hands Python floats to kernels as fp32, which would round the "
+            "hyperparameters of fp64 parameters; use backend='cuda' or 'torch' for them"
+        )
     if device.type == "cuda":
         return None
     if device.type == "cpu":
@@ -128,6 +133,14 @@ class _Operand:
         write_back(self.tensors, self.in_layout)
 
 
+def _keep_recent(cache: dict, key, value):
+    """Put ``value`` at the recent end of ``cache``, dropping the oldest past the limit."""
+    cache[key] = value
+    while len(cache) > _KEPT_PER_CACHE:
+        cache.pop(next(iter(cache)))
+    return value
+
+
 _TL_DTYPES: dict[torch.dtype, object] = {}
 
 
@@ -161,13 +174,15 @@ class TritonBackend:
         self.launches = 0  # kernel launches so far; read by tests
 
     def _layout(self, buffers: list[torch.Tensor]) -> _Layout:
+        """Block tables for this set of tensors. Recent ones are kept (the set rarely
+        changes between calls), a bounded number, since each holds device memory."""
         flat_offsets = [b.storage_offset() for b in buffers]
         numels = [b.numel() for b in buffers]
         key = (buffers[0].device, tuple(flat_offsets), tuple(numels))
-        layout = self._layouts.get(key)
+        layout = self._layouts.pop(key, None)
         if layout is None:
-            layout = self._layouts[key] = _Layout(flat_offsets, numels, buffers[0].device)
-        return layout
+            layout = _Layout(flat_offsets, numels, buffers[0].device)
+        return _keep_recent(self._layouts, key, layout)
 
     def _operand(self, tensors, buffers, base: torch.Tensor) -> _Operand:
         return _Operand(tensors, buffers, base.numel(), self)
@@ -187,10 +202,7 @@ class TritonBackend:
         table = self._address_tables.pop(key, None)
         if table is None:
             table = torch.tensor(addresses, dtype=torch.int64, device=device)
-        self._address_tables[key] = table
-        while len(self._address_tables) > _ADDRESS_TABLES_KEPT:
-            self._address_tables.pop(next(iter(self._address_tables)))
-        return table
+        return _keep_recent(self._address_tables, key, table)
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
         if layout.num_blocks == 0:

@@ -14,8 +14,9 @@ chosen by ``POINTER_TABLE``:
 
 A block that lies wholly inside its tensor runs unmasked, so that with the alignment
 hints its loads and stores are vectorised; only a tensor's last block is masked.
-Arithmetic is in the buffer's dtype (fp32, or fp64 for fp64 parameters), every offset
-is int64 (tensors past 2**31 elements work), hyperparameters are runtime arguments.
+Arithmetic is in fp32 (fp64 parameters go to other backends: Triton passes Python
+floats as fp32), every offset is int64 (tensors past 2**31 elements work),
+hyperparameters are runtime arguments.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _load(pointer, mask):
 
 @triton.jit
 def _to_param_dtype(x, DTYPE: tl.constexpr):
-    """Round fp32 (or fp64) to the parameter dtype, to nearest even."""
+    """Round fp32 to the parameter dtype, to nearest even."""
     if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
@@ -90,25 +91,6 @@ def _to_param_dtype(x, DTYPE: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)
     else:
         return x.to(DTYPE)
-
-
-@triton.jit
-def _sqrt_rn(x):
-    """Round-to-nearest square root, as torch computes it (tl.sqrt may approximate
-    in fp32; in fp64 it is exact)."""
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
-
-
-@triton.jit
-def _div_rn(x, y):
-    """Round-to-nearest division, as torch computes it."""
-    if x.dtype == tl.float32:
-        return tl.div_rn(x, y)
-    else:
-        return x / y
 
 
 @triton.jit
@@ -164,7 +146,7 @@ def _accumulate_block(
 
 @triton.jit
 def accumulate_kernel(
-    buffer_ptr,  # flat accumulation buffer of the group (fp32 or fp64)
+    buffer_ptr,  # flat fp32 accumulation buffer of the group
     grads,  # gradients: address table or base tensor
     grad_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
@@ -308,8 +290,9 @@ def _adam_block(
     if AMSGRAD:
         second_moment = tl.maximum(_load(max_exp_avg_sq_ptr + flat, mask), exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + flat, second_moment, mask=mask)
-    denominator = _div_rn(_sqrt_rn(second_moment), bias_correction2_sqrt) + eps
-    param -= step_size * _div_rn(exp_avg, denominator)
+    # round-to-nearest sqrt and division, as torch computes them (the defaults may not)
+    denominator = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    param -= step_size * tl.div_rn(exp_avg, denominator)
     tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
