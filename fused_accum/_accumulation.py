@@ -32,6 +32,7 @@ class AccumulationState:
         self.micro_step_count = 0
         self.update_count = 0
         self.last_step_applied = False
+        self.overflowed = False  # a micro-step of this window had a non-finite gradient
 
     def add_params(self, params: list[torch.Tensor]) -> set[FlatGroup]:
         """Give each parameter a slice of its group's flat tensors; return the groups
@@ -79,5 +80,6 @@ class AccumulationState:
     def end_window(self) -> None:
         """Forget the window: its sums are dead once applied or discarded."""
         self.holds_sum.clear()
+        self.overflowed = False
         self.window_micro_steps = 0
         self.window_weight = 0.0

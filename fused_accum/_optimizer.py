@@ -274,22 +274,49 @@ class FusedAccumOptimizer(Optimizer):
                 "optimizer.set_weight(weight) instead of step(weight=...)"
             )
         weight = self._pending_weight if weight is None else check_weight(weight)
+        inverse_loss_scale, overflow = self._grad_scaler_inputs()
         self._pending_weight = 1.0
         self._folded_since_step = False
         if self.accumulate_in_backward:
             self._register_hooks(self._all_params())
         pairs = self._take_grads()
         accumulation = self._accumulation
+        accumulation.overflowed |= overflow
+        if accumulation.overflowed:
+            pairs = []  # a window with a non-finite gradient is skipped whole
+        factor = weight * inverse_loss_scale
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         if not boundary:
-            accumulation.fold(pairs, weight)
+            accumulation.fold(pairs, factor)
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
-        if boundary:
-            self._apply_window(pairs, weight)
-        accumulation.last_step_applied = boundary
+        applied = boundary and not accumulation.overflowed
+        if applied:
+            self._apply_window(pairs, factor)
+        elif boundary:
+            accumulation.end_window()
+        accumulation.last_step_applied = applied
         return loss
+
+    # torch.amp.GradScaler.step() then hands us the loss scale and its inf check as the
+    # attributes grad_scale and found_inf, and leaves skipping to us.
+    _step_supports_amp_scaling = True
+
+    def _grad_scaler_inputs(self) -> tuple[float, bool]:
+        """(1 / loss scale, whether this micro-batch's gradients overflowed): (1, False)
+        unless step() is called by a GradScaler. Reads two scalars on the host."""
+        if not hasattr(self, "found_inf"):
+            return 1.0, False
+        if self.accumulate_in_backward:
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot be used with accumulate_in_backward=True: the "
+                "backward hooks fold the scaled gradients before the scaler checks them; "
+                "use accumulate_in_backward=False with a GradScaler"
+            )
+        overflow = bool(self.found_inf)
+        grad_scale = getattr(self, "grad_scale", None)  # None: unscale_() was called
+        return (1.0 if grad_scale is None else 1.0 / float(grad_scale)), overflow
 
     @torch.no_grad()
     def flush(self) -> bool:
@@ -316,8 +343,10 @@ class FusedAccumOptimizer(Optimizer):
         self._folded_since_step = False
 
     def _apply_window(
-        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_weight: float
+        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
     ) -> None:
+        """Apply the window: the buffers' sums and the last micro-step's gradients
+        ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight."""
         accumulation = self._accumulation
         total_weight = accumulation.window_weight
         fresh_grads = dict(fresh)
@@ -338,7 +367,7 @@ class FusedAccumOptimizer(Optimizer):
                         grads=None if grad is None else [],
                         use_buffer=use_buffer,
                         normaliser=1.0 / total_weight,
-                        grad_scale=fresh_weight / total_weight,
+                        grad_scale=fresh_factor / total_weight,
                     )
                 batch.params.append(param)
                 batch.buffers.append(accumulation.buffer_view(param))
@@ -381,6 +410,7 @@ class FusedAccumOptimizer(Optimizer):
             "micro_step_count": accumulation.micro_step_count,
             "update_count": accumulation.update_count,
             "last_step_applied": accumulation.last_step_applied,
+            "overflowed": accumulation.overflowed,
             "buffers": {
                 index: accumulation.buffer_view(param)
                 for index, param in enumerate(self._all_params())
@@ -421,6 +451,7 @@ class FusedAccumOptimizer(Optimizer):
             setattr(accumulation, name, int(window.get(name, 0)))
         accumulation.window_weight = float(window.get("window_weight", 0.0))
         accumulation.last_step_applied = bool(window.get("last_step_applied", False))
+        accumulation.overflowed = bool(window.get("overflowed", False))
 
     def _check_state_dict(
         self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict
