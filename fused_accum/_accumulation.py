@@ -17,7 +17,8 @@ class AccumulationState:
     bookkeeping of the window being accumulated.
 
     During a window a parameter's buffer holds the weighted sum of its gradients so
-    far, for the parameters in ``holds_sum`` (those that have received a gradient);
+    far, for the parameters in ``holds_sum`` (their ids: those that have received a
+    gradient);
     the buffers of the others hold dead values, overwritten by their first gradient.
     """
 
@@ -25,8 +26,10 @@ class AccumulationState:
         self.backend_name = backend_name
         self.groups: dict[tuple[torch.device, torch.dtype], FlatGroup] = {}
         self.backends: dict[tuple[torch.device, torch.dtype], Backend] = {}
-        self.slots: dict[torch.Tensor, tuple[FlatGroup, int]] = {}
-        self.holds_sum: set[torch.Tensor] = set()
+        # Keyed by id(param): hashing a tensor runs Python code, and these are looked up
+        # for every parameter at every micro-step.
+        self.slots: dict[int, tuple[FlatGroup, int]] = {}
+        self.holds_sum: set[int] = set()
         self.window_micro_steps = 0
         self.window_weight = 0.0
         self.micro_step_count = 0
@@ -49,7 +52,7 @@ class AccumulationState:
             start = len(group.params)
             group.add(new_params)
             for index, param in enumerate(new_params, start):
-                self.slots[param] = (group, index)
+                self.slots[id(param)] = (group, index)
             grown.add(group)
         return grown
 
@@ -57,25 +60,31 @@ class AccumulationState:
         return self.backends[(param.device, param.dtype)]
 
     def buffer_view(self, param: torch.Tensor) -> torch.Tensor:
-        group, index = self.slots[param]
+        group, index = self.slots[id(param)]
         return group.buffer_view(index)
 
     def state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        group, index = self.slots[param]
+        group, index = self.slots[id(param)]
         return group.state_view(name, index)
 
     def fold(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
         """Add ``weight * grad`` into the buffer of each (param, grad) pair: one backend
         call per (group, first contribution or not)."""
-        calls: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        calls: dict[tuple, tuple[list, list]] = {}
+        holds_sum, slots = self.holds_sum, self.slots
         for param, grad in pairs:
-            first = param not in self.holds_sum
-            buffers, grads = calls[(param.device, param.dtype, first)]
-            buffers.append(self.buffer_view(param))
-            grads.append(grad)
-            self.holds_sum.add(param)
-        for (device, dtype, first), (buffers, grads) in calls.items():
-            self.backends[(device, dtype)].accumulate(buffers, grads, scale=weight, overwrite=first)
+            group, index = slots[id(param)]
+            first = id(param) not in holds_sum
+            call = calls.get((group, first))
+            if call is None:
+                call = calls[(group, first)] = ([], [])
+            call[0].append(group.buffer_view(index))
+            call[1].append(grad)
+            holds_sum.add(id(param))
+        for (group, first), (buffers, grads) in calls.items():
+            self.backends[(group.device, group.param_dtype)].accumulate(
+                buffers, grads, scale=weight, overwrite=first
+            )
 
     def end_window(self) -> None:
         """Forget the window: its sums are dead once applied or discarded."""

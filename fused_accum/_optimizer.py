@@ -155,8 +155,17 @@ class FusedAccumOptimizer(Optimizer):
     # -------------------------------------------------------------- gradient intake
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        group, index = self._accumulation.slots[id(param)]
+        shape = group.buffer_view(index).shape
+        # the common case, cheaply: every micro-step checks every parameter
+        if (
+            grad.layout is torch.strided
+            and grad.dtype is param.dtype is group.param_dtype
+            and grad.shape == param.shape == shape
+            and grad.device == param.device == group.device
+        ):
+            return
         problem = None
-        group, index = self._accumulation.slots[param]
         if (param.device, param.dtype, param.shape) != (
             group.device,
             group.param_dtype,
@@ -353,7 +362,7 @@ class FusedAccumOptimizer(Optimizer):
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
             for param in group["params"]:
-                use_buffer = param in accumulation.holds_sum
+                use_buffer = id(param) in accumulation.holds_sum
                 grad = fresh_grads.get(param)
                 if not use_buffer and grad is None:
                     continue  # no gradient in the whole window: skipped, as torch does
@@ -414,7 +423,7 @@ class FusedAccumOptimizer(Optimizer):
             "buffers": {
                 index: accumulation.buffer_view(param)
                 for index, param in enumerate(self._all_params())
-                if param in accumulation.holds_sum
+                if id(param) in accumulation.holds_sum
             },
         }
         return state_dict
@@ -446,7 +455,7 @@ class FusedAccumOptimizer(Optimizer):
         for saved_id, buffer in buffers.items():
             param = id_map[saved_id]
             accumulation.buffer_view(param).copy_(buffer)
-            accumulation.holds_sum.add(param)
+            accumulation.holds_sum.add(id(param))
         for name in ("window_micro_steps", "micro_step_count", "update_count"):
             setattr(accumulation, name, int(window.get(name, 0)))
         accumulation.window_weight = float(window.get("window_weight", 0.0))

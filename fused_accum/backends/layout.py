@@ -11,7 +11,11 @@ import torch
 def like_buffer(tensor: torch.Tensor, view: torch.Tensor, alignment: int = 1) -> torch.Tensor:
     """``tensor`` itself when its strides are the buffer view's and its address is a
     multiple of ``alignment`` bytes, else a copy that is (a fresh allocation)."""
-    same_order = tensor.numel() <= 1 or tensor.stride() == view.stride()
+    same_order = (
+        tensor.numel() <= 1
+        or (tensor.is_contiguous() and view.is_contiguous())  # the common case, cheaply
+        or tensor.stride() == view.stride()
+    )
     if same_order and tensor.data_ptr() % alignment == 0:
         return tensor
     copy = torch.empty_strided(view.shape, view.stride(), dtype=tensor.dtype, device=tensor.device)
