@@ -407,3 +407,22 @@ def test_parameter_layouts(layout):
             oracle.apply()
     assert param.stride() == base.stride()
     torch.testing.assert_close(param.detach(), oracle.params[0].detach())
+
+
+def test_step_with_a_closure_returns_its_loss_and_counts_one_micro_step():
+    model = _model()
+    optimizer = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=2)
+    batch = _batches(1)[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _loss(model, batch)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert optimizer.window_micro_steps == 1
+    assert all(p.grad is None for p in model.parameters())
+    optimizer.step(closure)
+    assert optimizer.last_step_applied
