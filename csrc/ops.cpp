@@ -9,12 +9,14 @@ TORCH_LIBRARY(fused_accum, m) {
       "Tensor(b!)? found_inf) -> ()");
   m.def(
       "sgd_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, "
-      "Tensor(b!)[] momentum_buffers, bool use_buffer, float normaliser, float grad_scale, "
+      "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, bool use_buffer, float normaliser, "
+      "float grad_scale, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool init_momentum) -> ()");
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, bool use_buffer, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
+      "bool use_buffer, "
       "float normaliser, float grad_scale, int step, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
       "bool maximize) -> ()");

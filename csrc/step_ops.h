@@ -13,18 +13,32 @@
 namespace fused_accum {
 
 // Runs a step on one device: `states` holds the momentum buffers (SGD) or exp_avgs,
-// exp_avg_sqs, max_exp_avg_sqs (Adam), an unused list empty.
+// exp_avg_sqs, max_exp_avg_sqs (Adam), `masters` the fp32 master copies of the
+// parameters; an unused list is empty.
 using StepRunner = void (*)(at::TensorList params, at::TensorList buffers,
                             const std::optional<at::TensorList>& grads,
-                            const std::vector<at::TensorList>& states, const StepArgs& args);
+                            const std::vector<at::TensorList>& states, at::TensorList masters,
+                            const StepArgs& args);
+
+inline void check_masters(at::TensorList masters, at::TensorList params) {
+  TORCH_CHECK(masters.empty() || masters.size() == params.size(),
+              "fused_accum: master weights are all or nothing: ", masters.size(), " for ",
+              params.size(), " parameters");
+  TORCH_CHECK(masters.empty() || params[0].scalar_type() == at::kBFloat16 ||
+                  params[0].scalar_type() == at::kHalf,
+              "fused_accum: master weights are for bfloat16/float16 parameters, not ",
+              params[0].scalar_type());
+}
 
 template <StepRunner run>
 void sgd_step_op(at::TensorList params, at::TensorList buffers,
                  std::optional<at::TensorList> grads, at::TensorList momentum_buffers,
-                 bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
+                 at::TensorList masters, bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
                  double dampening, double weight_decay, bool nesterov, bool maximize,
                  bool init_momentum) {
-  check_step(params, buffers, grads, {{"momentum_buffers", momentum_buffers}}, use_buffer);
+  check_step(params, buffers, grads,
+             {{"momentum_buffers", momentum_buffers}, {"masters", masters}}, use_buffer);
+  check_masters(masters, params);
   TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
               "fused_accum: momentum needs one momentum buffer per parameter");
   StepArgs args;
@@ -39,20 +53,22 @@ void sgd_step_op(at::TensorList params, at::TensorList buffers,
   args.nesterov = nesterov;
   args.maximize = maximize;
   args.init_momentum = init_momentum;
-  run(params, buffers, grads, {momentum_buffers}, args);
+  run(params, buffers, grads, {momentum_buffers}, masters, args);
 }
 
 template <StepRunner run>
 void adam_step_op(at::TensorList params, at::TensorList buffers,
                   std::optional<at::TensorList> grads, at::TensorList exp_avgs,
-                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, bool use_buffer,
+                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                  at::TensorList masters, bool use_buffer,
                   double normaliser, double grad_scale, int64_t step_number, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   bool decoupled_weight_decay, bool amsgrad, bool maximize) {
   check_step(params, buffers, grads,
              {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
-              {"max_exp_avg_sqs", max_exp_avg_sqs}},
+              {"max_exp_avg_sqs", max_exp_avg_sqs}, {"masters", masters}},
              use_buffer);
+  check_masters(masters, params);
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
               "fused_accum: Adam needs exp_avgs and exp_avg_sqs for every parameter");
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(),
@@ -73,7 +89,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
   args.amsgrad = amsgrad;
   args.maximize = maximize;
   args.set_adam_step(step_number);
-  run(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, args);
+  run(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, masters, args);
 }
 
 }  // namespace fused_accum

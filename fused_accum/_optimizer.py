@@ -68,6 +68,7 @@ class FusedAccumOptimizer(Optimizer):
         accumulation_steps: int,
         backend: str,
         accumulate_in_backward: bool,
+        master_weights: bool = False,
     ) -> None:
         check_backend_name(backend)
         if defaults.get("differentiable"):
@@ -78,6 +79,7 @@ class FusedAccumOptimizer(Optimizer):
         self._accumulation_steps = check_accumulation_steps(accumulation_steps)
         self.backend = backend
         self.accumulate_in_backward = bool(accumulate_in_backward)
+        self.master_weights = bool(master_weights)
         self._accumulation = AccumulationState(backend)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._pending_weight = 1.0
@@ -358,15 +360,16 @@ class FusedAccumOptimizer(Optimizer):
         ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight."""
         accumulation = self._accumulation
         total_weight = accumulation.window_weight
-        fresh_grads = dict(fresh)
+        fresh_grads = {id(param): grad for param, grad in fresh}
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
             for param in group["params"]:
                 use_buffer = id(param) in accumulation.holds_sum
-                grad = fresh_grads.get(param)
+                grad = fresh_grads.get(id(param))
                 if not use_buffer and grad is None:
                     continue  # no gradient in the whole window: skipped, as torch does
                 state_key = self._prepare_state(group, param)
+                master = self._master_param(param)
                 key = (param.device, param.dtype, use_buffer, grad is not None, state_key)
                 batch = batches.get(key)
                 if batch is None:
@@ -377,8 +380,11 @@ class FusedAccumOptimizer(Optimizer):
                         use_buffer=use_buffer,
                         normaliser=1.0 / total_weight,
                         grad_scale=fresh_factor / total_weight,
+                        masters=None if master is None else [],
                     )
                 batch.params.append(param)
+                if master is not None:
+                    batch.masters.append(master)
                 batch.buffers.append(accumulation.buffer_view(param))
                 if grad is not None:
                     batch.grads.append(grad)
@@ -399,6 +405,18 @@ class FusedAccumOptimizer(Optimizer):
         self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
     ) -> None:
         raise NotImplementedError
+
+    def _master_param(self, param: torch.Tensor) -> torch.Tensor | None:
+        """With ``master_weights``, the fp32 master copy of a bf16/fp16 parameter,
+        made from the parameter at its first update (or loaded); else None."""
+        if not self.master_weights or param.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        state = self.state[param]
+        master = state.get("master_param")
+        if master is None:
+            master = state["master_param"] = self._accumulation.state_view(param, "master_param")
+            master.copy_(param)
+        return master
 
     def _new_state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
         view = self._accumulation.state_view(param, name)

@@ -45,6 +45,10 @@ _ACCUMULATION_DOC = r"""
             soon as autograd produces it, and free it, so the whole model's ``.grad``
             never exists at once. step() then only counts and applies; give a
             micro-batch's weight with :meth:`set_weight` before its backward.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
+            ``"master_param"``, saved in the state dict): the update is applied to the
+            master and the parameter receives it rounded, so that updates smaller than
+            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
 
     The moments ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are kept in fp32
     (fp64 for fp64 parameters) whatever the parameter's dtype; the update is computed in
@@ -85,7 +89,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         + _ACCUMULATION_DOC
     )
 
-    _flat_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _flat_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
     def __init__(
         self,
@@ -105,6 +109,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         accumulation_steps: int = 1,
         backend: str = "auto",
         accumulate_in_backward: bool = False,
+        master_weights: bool = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
         if capturable:
@@ -131,6 +136,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             accumulation_steps=accumulation_steps,
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
+            master_weights=master_weights,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -204,6 +210,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         accumulation_steps: int = 1,
         backend: str = "auto",
         accumulate_in_backward: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -221,4 +228,5 @@ class FusedAccumAdamW(FusedAccumAdam):
             accumulation_steps=accumulation_steps,
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
+            master_weights=master_weights,
         )

@@ -62,11 +62,15 @@ class FusedAccumSGD(FusedAccumOptimizer):
             soon as autograd produces it, and free it, so the whole model's ``.grad``
             never exists at once. step() then only counts and applies; give a
             micro-batch's weight with :meth:`set_weight` before its backward.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
+            ``"master_param"``, saved in the state dict): the update is applied to the
+            master and the parameter receives it rounded, so that updates smaller than
+            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
 
     Momentum buffers are kept in fp32 (fp64 for fp64 parameters).
     """
 
-    _flat_state_names = ("momentum_buffer",)
+    _flat_state_names = ("momentum_buffer", "master_param")
 
     def __init__(
         self,
@@ -84,6 +88,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         accumulation_steps: int = 1,
         backend: str = "auto",
         accumulate_in_backward: bool = False,
+        master_weights: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -112,6 +117,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             accumulation_steps=accumulation_steps,
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
+            master_weights=master_weights,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:

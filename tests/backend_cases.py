@@ -57,8 +57,10 @@ class Case:
     """Parameters of one dtype with their flat group, buffers and state filled with
     random values, and a twin for the reference."""
 
-    def __init__(self, shapes, param_dtype, device="cpu", state_names=()):
+    def __init__(self, shapes, param_dtype, device="cpu", state_names=(), master=False):
         self.params = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
+        if master:
+            state_names = (*state_names, "master_param")
         self.group = FlatGroup(torch.device(device), param_dtype)
         self.group.add(self.params)
         self.group.buffer.fill_(math.nan)  # the padding stays NaN; slices get values
@@ -72,6 +74,9 @@ class Case:
                 view.normal_()
                 if "sq" in name:
                     view.abs_()
+            if master:  # the parameter is its master, rounded
+                self.params[index].copy_(self.group.state_view("master_param", index))
+        self.master = master
 
     def twin(self) -> Case:
         twin = object.__new__(Case)
@@ -81,6 +86,7 @@ class Case:
         twin.group.buffer.copy_(self.group.buffer)
         for name, flat in self.group.states.items():
             twin.group.states[name] = flat.clone()
+        twin.master = self.master
         return twin
 
     def buffers(self):
@@ -97,6 +103,7 @@ class Case:
             use_buffer=use_buffer,
             normaliser=normaliser,
             grad_scale=grad_scale,
+            masters=self.states("master_param") if self.master else None,
         )
 
     def assert_matches(self, reference: Case) -> None:
@@ -131,9 +138,17 @@ def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu
 
 
 def run_sgd(
-    backend, shapes, param_dtype, flags, use_buffer, has_grads, init_momentum, device="cpu"
+    backend,
+    shapes,
+    param_dtype,
+    flags,
+    use_buffer,
+    has_grads,
+    init_momentum,
+    device="cpu",
+    master=False,
 ):
-    case = Case(shapes, param_dtype, device, state_names=("momentum_buffer",))
+    case = Case(shapes, param_dtype, device, state_names=("momentum_buffer",), master=master)
     reference = case.twin()
     grads = (
         [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
@@ -151,9 +166,11 @@ def run_sgd(
     case.assert_matches(reference)
 
 
-def run_adam(backend, shapes, param_dtype, flags, use_buffer, has_grads, step, device="cpu"):
+def run_adam(
+    backend, shapes, param_dtype, flags, use_buffer, has_grads, step, device="cpu", master=False
+):
     names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    case = Case(shapes, param_dtype, device, state_names=names)
+    case = Case(shapes, param_dtype, device, state_names=names, master=master)
     reference = case.twin()
     grads = (
         [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
@@ -189,3 +206,8 @@ def step_cases():
         )
     for flags, (use_buffer, has_grads), step in itertools.product(ADAM_FLAGS, BATCH_KINDS, (1, 7)):
         yield "adam", dict(flags=flags, use_buffer=use_buffer, has_grads=has_grads, step=step)
+    # fp32 master weights (run only for bf16/fp16 parameters)
+    for use_buffer, has_grads in BATCH_KINDS:
+        batch = dict(use_buffer=use_buffer, has_grads=has_grads, master=True)
+        yield "sgd", dict(flags=SGD_FLAGS[3], init_momentum=False, **batch)
+        yield "adam", dict(flags=ADAM_FLAGS[2], step=3, **batch)

@@ -69,6 +69,8 @@ def test_found_inf_raised_by_one_element(backend, device, bad_value, position, d
     "name,kwargs", list(step_cases()), ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_step(backend, device, dtype, name, kwargs):
+    if kwargs.get("master") and dtype not in (torch.bfloat16, torch.float16):
+        pytest.skip("master weights are for bf16/fp16 parameters")
     runner = {"sgd": run_sgd, "adam": run_adam}[name]
     runner(backend, SHAPES, dtype, device=device, **kwargs)
 
@@ -80,7 +82,9 @@ def test_cases_cover_every_flag():
         == len(SGD_FLAGS) * len(BATCH_KINDS)
         + 3 * len(BATCH_KINDS)
         + len(ADAM_FLAGS) * len(BATCH_KINDS) * 2
+        + 2 * len(BATCH_KINDS)  # master weights
     )
+    assert {name for name, kwargs in cases if kwargs.get("master")} == {"sgd", "adam"}
     for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
         assert any(kwargs["flags"][key] for name, kwargs in cases if name == "sgd"), key
     for key in ("weight_decay", "decoupled_weight_decay", "amsgrad", "maximize"):
@@ -92,6 +96,8 @@ OPTIMIZERS = [
     (FusedAccumSGD, dict(lr=0.05, momentum=0.9, dampening=0.2, maximize=True)),
     (FusedAccumAdam, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
     (FusedAccumAdamW, dict(lr=0.01, maximize=True)),
+    (FusedAccumSGD, dict(lr=0.05, momentum=0.9, master_weights=True)),
+    (FusedAccumAdamW, dict(lr=0.01, master_weights=True)),
 ]
 
 

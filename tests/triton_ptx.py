@@ -67,6 +67,7 @@ def _operands(table, param_dtype, acc):
         "exp_avg_ptr": flat,
         "exp_avg_sq_ptr": flat,
         "max_exp_avg_sq_ptr": flat,
+        "master_ptr": flat,
         "found_inf_ptr": "*fp32",
     }
 
@@ -81,7 +82,8 @@ def variants():
                      dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True)),
         )  # fmt: skip
         step = dict(common, PARAM_DTYPE=TL[dtype], GRAD_DTYPE=TL[dtype], USE_BUFFER=True,
-                    HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True)  # fmt: skip
+                    HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True,
+                    HAS_MASTER=dtype != "fp32")  # fmt: skip
         yield (
             "sgd", arch, f"{dtype} table={table}",
             _compile(kernels.sgd_kernel, arch, operands,

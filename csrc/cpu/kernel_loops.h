@@ -86,16 +86,22 @@ struct SgdScalars {
   bool init_momentum, nesterov;
 };
 
-template <typename P, bool USE_BUFFER, bool HAS_GRADS, bool HAS_WEIGHT_DECAY, bool HAS_MOMENTUM>
+template <typename P, bool USE_BUFFER, bool HAS_GRADS, bool HAS_WEIGHT_DECAY, bool HAS_MOMENTUM,
+          bool HAS_MASTER>
 void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
                const typename P::storage* __restrict grad,
-               typename P::acc* __restrict momentum_buffer, int64_t n,
-               const SgdScalars<typename P::acc>& s) {
+               typename P::acc* __restrict momentum_buffer, typename P::acc* __restrict master,
+               int64_t n, const SgdScalars<typename P::acc>& s) {
   using acc = typename P::acc;
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
-    acc value = P::load(param[i]);
+    acc value;
+    if constexpr (HAS_MASTER) {
+      value = master[i];
+    } else {
+      value = P::load(param[i]);
+    }
     if constexpr (HAS_WEIGHT_DECAY) gradient += s.weight_decay * value;
     if constexpr (HAS_MOMENTUM) {
       const acc decayed = momentum_buffer[i] * s.momentum + s.one_minus_dampening * gradient;
@@ -104,6 +110,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
       gradient = s.nesterov ? gradient + s.momentum * velocity : velocity;
     }
     value -= s.lr * gradient;
+    if constexpr (HAS_MASTER) master[i] = value;
     param[i] = P::store(value);
   }
 }
@@ -116,16 +123,23 @@ struct AdamScalars {
 
 enum class WeightDecay { none, coupled, decoupled };
 
-template <typename P, bool USE_BUFFER, bool HAS_GRADS, WeightDecay DECAY, bool AMSGRAD>
+template <typename P, bool USE_BUFFER, bool HAS_GRADS, WeightDecay DECAY, bool AMSGRAD,
+          bool HAS_MASTER>
 void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
                 const typename P::storage* __restrict grad, typename P::acc* __restrict exp_avg,
                 typename P::acc* __restrict exp_avg_sq, typename P::acc* __restrict max_exp_avg_sq,
-                int64_t n, const AdamScalars<typename P::acc>& s) {
+                typename P::acc* __restrict master, int64_t n,
+                const AdamScalars<typename P::acc>& s) {
   using acc = typename P::acc;
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
-    acc value = P::load(param[i]);
+    acc value;
+    if constexpr (HAS_MASTER) {
+      value = master[i];
+    } else {
+      value = P::load(param[i]);
+    }
     if constexpr (DECAY == WeightDecay::coupled) gradient += s.weight_decay * value;
     if constexpr (DECAY == WeightDecay::decoupled) value *= s.decay_factor;
     acc first = exp_avg[i];
@@ -142,6 +156,7 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
     }
     const acc denominator = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
     value -= s.step_size * (first / denominator);
+    if constexpr (HAS_MASTER) master[i] = value;
     param[i] = P::store(value);
   }
 }
@@ -164,9 +179,20 @@ bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, b
                : accumulate_chunk<G, false, false>(sums, grads, n, factor);
 }
 
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag made a template
+// argument, so that each combination gets its own vectorised loop.
+template <typename Fn>
+inline void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
-void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum, int64_t n,
-               const StepArgs& a) {
+void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum, void* master,
+               int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
   const SgdScalars<acc> s{acc(a.normaliser), acc(a.grad_scale), acc(a.maximize ? -1 : 1),
                           acc(a.lr),         acc(a.momentum),   acc(1 - a.dampening),
@@ -175,19 +201,21 @@ void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
   auto* m = static_cast<acc*>(momentum);
-  const bool decay = a.weight_decay != 0;
-  if (a.momentum != 0) {
-    decay ? sgd_chunk<P, USE_BUFFER, HAS_GRADS, true, true>(p, b, g, m, n, s)
-          : sgd_chunk<P, USE_BUFFER, HAS_GRADS, false, true>(p, b, g, m, n, s);
-  } else {
-    decay ? sgd_chunk<P, USE_BUFFER, HAS_GRADS, true, false>(p, b, g, m, n, s)
-          : sgd_chunk<P, USE_BUFFER, HAS_GRADS, false, false>(p, b, g, m, n, s);
-  }
+  auto* w = static_cast<acc*>(master);
+  with_flag(a.weight_decay != 0, [&](auto decay) {
+    with_flag(a.momentum != 0, [&](auto has_momentum) {
+      with_flag(w != nullptr, [&](auto has_master) {
+        sgd_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value, decltype(has_momentum)::value,
+                  decltype(has_master)::value>(p, b, g, m, w, n, s);
+      });
+    });
+  });
 }
 
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg,
-                void* exp_avg_sq, void* max_exp_avg_sq, int64_t n, const StepArgs& a) {
+                void* exp_avg_sq, void* max_exp_avg_sq, void* master, int64_t n,
+                const StepArgs& a) {
   using acc = typename P::acc;
   const AdamScalars<acc> s{acc(a.normaliser),      acc(a.grad_scale),
                            acc(a.maximize ? -1 : 1), acc(1 - a.beta1),
@@ -201,34 +229,37 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
   auto* m = static_cast<acc*>(exp_avg);
   auto* v = static_cast<acc*>(exp_avg_sq);
   auto* v_max = static_cast<acc*>(max_exp_avg_sq);
-  const WeightDecay decay = a.weight_decay == 0 ? WeightDecay::none
-                            : a.decoupled_weight_decay ? WeightDecay::decoupled
-                                                       : WeightDecay::coupled;
-  switch (decay) {
-    case WeightDecay::none:
-      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::none, true>(p, b, g, m, v, v_max, n, s)
-                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::none, false>(p, b, g, m, v, v_max, n, s);
-    case WeightDecay::coupled:
-      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::coupled, true>(p, b, g, m, v, v_max, n, s)
-                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::coupled, false>(p, b, g, m, v, v_max, n, s);
-    case WeightDecay::decoupled:
-      return a.amsgrad ? adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::decoupled, true>(p, b, g, m, v, v_max, n, s)
-                       : adam_chunk<P, USE_BUFFER, HAS_GRADS, WeightDecay::decoupled, false>(p, b, g, m, v, v_max, n, s);
+  auto* w = static_cast<acc*>(master);
+  auto run = [&](auto decay) {
+    with_flag(a.amsgrad, [&](auto amsgrad) {
+      with_flag(w != nullptr, [&](auto has_master) {
+        adam_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value, decltype(amsgrad)::value,
+                   decltype(has_master)::value>(p, b, g, m, v, v_max, w, n, s);
+      });
+    });
+  };
+  if (a.weight_decay == 0) {
+    run(std::integral_constant<WeightDecay, WeightDecay::none>{});
+  } else if (a.decoupled_weight_decay) {
+    run(std::integral_constant<WeightDecay, WeightDecay::decoupled>{});
+  } else {
+    run(std::integral_constant<WeightDecay, WeightDecay::coupled>{});
   }
 }
 
-// The step entry: `state` holds the momentum buffer (SGD) or the three moments (Adam).
+// The step entry: `state` holds the momentum buffer (SGD) or the three moments (Adam);
+// `master` the fp32 master copy, or nullptr.
 template <typename P>
-void step_entry(void* param, const void* buffer, const void* grad, void* const* state, int64_t n,
-                const StepArgs& a) {
+void step_entry(void* param, const void* buffer, const void* grad, void* const* state,
+                void* master, int64_t n, const StepArgs& a) {
   if (a.adam) {
-    if (a.use_buffer && a.has_grads) return adam_flags<P, true, true>(param, buffer, grad, state[0], state[1], state[2], n, a);
-    if (a.use_buffer) return adam_flags<P, true, false>(param, buffer, grad, state[0], state[1], state[2], n, a);
-    return adam_flags<P, false, true>(param, buffer, grad, state[0], state[1], state[2], n, a);
+    if (a.use_buffer && a.has_grads) return adam_flags<P, true, true>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
+    if (a.use_buffer) return adam_flags<P, true, false>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
+    return adam_flags<P, false, true>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
   }
-  if (a.use_buffer && a.has_grads) return sgd_flags<P, true, true>(param, buffer, grad, state[0], n, a);
-  if (a.use_buffer) return sgd_flags<P, true, false>(param, buffer, grad, state[0], n, a);
-  return sgd_flags<P, false, true>(param, buffer, grad, state[0], n, a);
+  if (a.use_buffer && a.has_grads) return sgd_flags<P, true, true>(param, buffer, grad, state[0], master, n, a);
+  if (a.use_buffer) return sgd_flags<P, true, false>(param, buffer, grad, state[0], master, n, a);
+  return sgd_flags<P, false, true>(param, buffer, grad, state[0], master, n, a);
 }
 
 // Instantiated here, so that they are compiled for this file's instruction set.
@@ -236,7 +267,7 @@ template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, b
 template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool);
 template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool);
 template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool);
-template void step_entry<F32>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
-template void step_entry<F64>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
-template void step_entry<BF16>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
-template void step_entry<F16>(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
+template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
+template void step_entry<BF16>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
+template void step_entry<F16>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);

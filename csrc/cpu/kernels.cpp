@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -63,7 +64,8 @@ InstructionSet instruction_set() {
 }
 
 using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool);
-using StepFn = void (*)(void*, const void*, const void*, void* const*, int64_t, const StepArgs&);
+using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t,
+                       const StepArgs&);
 
 #ifdef FUSED_ACCUM_HAVE_X86_VARIANTS
 #define FUSED_ACCUM_PICK(function, format)                                   \
@@ -152,7 +154,7 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
 }
 
 void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
-          const std::vector<at::TensorList>& states, const StepArgs& args) {
+          const std::vector<at::TensorList>& states, at::TensorList masters, const StepArgs& args) {
   const StepFn run = step_function(params[0].scalar_type());
   for_each_chunk(chunks_of(params), [&](const Chunk& chunk) {
     void* state[3] = {nullptr, nullptr, nullptr};
@@ -160,8 +162,9 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
       if (!states[s].empty()) state[s] = at_element(states[s][chunk.tensor], chunk.begin);
     }
     const void* grad = grads.has_value() ? at_element((*grads)[chunk.tensor], chunk.begin) : nullptr;
+    void* master = masters.empty() ? nullptr : at_element(masters[chunk.tensor], chunk.begin);
     run(at_element(params[chunk.tensor], chunk.begin),
-        at_element(buffers[chunk.tensor], chunk.begin), grad, state, chunk.size, args);
+        at_element(buffers[chunk.tensor], chunk.begin), grad, state, master, chunk.size, args);
   });
 }
 

@@ -32,7 +32,7 @@ constexpr int kMaxBlocks = 320;
 // arguments under the 4 KiB kernel parameter limit of older toolkits.
 template <int DEPTH>
 constexpr int max_tensors() {
-  return DEPTH <= 2 ? 80 : DEPTH <= 4 ? 48 : 36;
+  return DEPTH <= 2 ? 80 : DEPTH <= 5 ? 40 : 32;
 }
 
 template <int DEPTH>
@@ -42,8 +42,8 @@ struct TensorTable {
   unsigned char tensor_of_block[kMaxBlocks];
   int chunk_of_block[kMaxBlocks];
 };
-static_assert(sizeof(TensorTable<2>) <= 3840 && sizeof(TensorTable<4>) <= 3840 &&
-                  sizeof(TensorTable<6>) <= 3840,
+static_assert(sizeof(TensorTable<2>) <= 3840 && sizeof(TensorTable<5>) <= 3840 &&
+                  sizeof(TensorTable<7>) <= 3840,
               "the table must leave room for the op's arguments in 4 KiB");
 
 template <int DEPTH, typename Op>
@@ -131,9 +131,10 @@ struct Sgd {
   template <typename Table>
   __device__ void operator()(const Table& table, int t, int64_t i) const {
     auto* param = static_cast<P*>(table.address[0][t]);
+    auto* master = static_cast<A*>(table.address[4][t]);
     A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
                                         static_cast<const P*>(table.address[2][t]), i, a);
-    A value = static_cast<A>(param[i]);
+    A value = master != nullptr ? master[i] : static_cast<A>(param[i]);
     if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
     if (a.momentum != 0) {
       auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
@@ -144,6 +145,7 @@ struct Sgd {
       gradient = a.nesterov ? gradient + A(a.momentum) * velocity : velocity;
     }
     value -= A(a.lr) * gradient;
+    if (master != nullptr) master[i] = value;
     param[i] = static_cast<P>(value);
   }
 };
@@ -154,9 +156,10 @@ struct Adam {
   template <typename Table>
   __device__ void operator()(const Table& table, int t, int64_t i) const {
     auto* param = static_cast<P*>(table.address[0][t]);
+    auto* master = static_cast<A*>(table.address[6][t]);
     A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
                                         static_cast<const P*>(table.address[2][t]), i, a);
-    A value = static_cast<A>(param[i]);
+    A value = master != nullptr ? master[i] : static_cast<A>(param[i]);
     if (a.weight_decay != 0) {
       if (a.decoupled_weight_decay) {
         value *= A(1 - a.lr * a.weight_decay);
@@ -180,6 +183,7 @@ struct Adam {
     }
     const A denominator = sqrt(second_moment) / A(a.bias_correction2_sqrt) + A(a.eps);
     value -= A(a.step_size) * (first / denominator);
+    if (master != nullptr) master[i] = value;
     param[i] = static_cast<P>(value);
   }
 };
@@ -219,7 +223,7 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
 }
 
 void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
-          const std::vector<at::TensorList>& states, const StepArgs& args) {
+          const std::vector<at::TensorList>& states, at::TensorList masters, const StepArgs& args) {
   const at::Device device = params[0].device();
   check_device(params, device, "params");
   const c10::cuda::CUDAGuard guard(device);
@@ -228,13 +232,14 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
                                               grads.has_value() ? addresses(*grads, count)
                                                                 : std::vector<void*>(count)};
   for (const auto& state : states) operands.push_back(addresses(state, count));
+  operands.push_back(addresses(masters, count));  // the last operand, nullptr without
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "fused_accum_step", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (args.adam) {
-      for_each_element<6>(operands, params, Adam<scalar_t, A>{args});
+      for_each_element<7>(operands, params, Adam<scalar_t, A>{args});
     } else {
-      for_each_element<4>(operands, params, Sgd<scalar_t, A>{args});
+      for_each_element<5>(operands, params, Sgd<scalar_t, A>{args});
     }
   });
 }

@@ -99,7 +99,8 @@ class CompiledBackend:
     ) -> None:
         params, grads = self._operands(batch)
         self._ops.sgd_step(
-            params, batch.buffers, grads, momentum_buffers or [], batch.use_buffer,
+            params, batch.buffers, grads, momentum_buffers or [], batch.masters or [],
+            batch.use_buffer,
             float(batch.normaliser), float(batch.grad_scale), float(lr), float(momentum),
             float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
         )  # fmt: skip
@@ -125,8 +126,9 @@ class CompiledBackend:
         params, grads = self._operands(batch)
         self._ops.adam_step(
             params, batch.buffers, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
-            batch.use_buffer, float(batch.normaliser), float(batch.grad_scale), int(step),
-            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            batch.masters or [], batch.use_buffer, float(batch.normaliser),
+            float(batch.grad_scale), int(step), float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay),
             decoupled_weight_decay, amsgrad, maximize,
         )  # fmt: skip
         write_back(batch.params, params)

@@ -22,8 +22,12 @@ def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
     return (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
 
 
-def _working_copy(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The parameter in the accumulation dtype: itself when it already is."""
+def _working_copy(batch: StepBatch, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """What the update changes in place: the parameter's master copy, else the
+    parameter in the accumulation dtype (itself when it already is)."""
+    if batch.masters is not None:
+        return batch.masters[index]
+    param = batch.params[index]
     return param if param.dtype == dtype else param.to(dtype)
 
 
@@ -73,7 +77,7 @@ class ReferenceBackend:
             grad = _applied_gradient(batch, i)
             if maximize:
                 grad = grad.neg_()
-            working = _working_copy(param, grad.dtype)
+            working = _working_copy(batch, i, grad.dtype)
             if weight_decay != 0:
                 grad = grad.add(working, alpha=weight_decay)
             if momentum != 0:
@@ -113,7 +117,7 @@ class ReferenceBackend:
             grad = _applied_gradient(batch, i)
             if maximize:
                 grad = grad.neg_()
-            working = _working_copy(param, grad.dtype)
+            working = _working_copy(batch, i, grad.dtype)
             if weight_decay != 0:
                 if decoupled_weight_decay:
                     working.mul_(1 - lr * weight_decay)

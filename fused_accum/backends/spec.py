@@ -16,9 +16,10 @@ load, parameters are rounded once on store.
         g = normaliser * buffer  (if batch.use_buffer)  +  grad_scale * grad  (if batch.grads)
 
     with torch.optim's update math for SGD, Adam or AdamW, and update the parameters
-    and state in place. A batch with ``grads`` is the accumulate-and-step of the
-    window's last micro-step: the fresh gradients are added and applied without the
-    window's sum ever being written to the buffer.
+    (through their fp32 masters when ``batch.masters`` is given) and state in place. A
+    batch with ``grads`` is the accumulate-and-step of the window's last micro-step:
+    the fresh gradients are added and applied without the window's sum ever being
+    written to the buffer.
 
     The buffers are left as they are: after an update their contents are dead, and
     the first contribution of the next window overwrites them (``overwrite=True``), so
@@ -48,6 +49,10 @@ class StepBatch:
     """Factor on the buffers: 1 / (total weight of the window)."""
     grad_scale: float
     """Factor on the fresh gradients: their micro-batch weight / total weight."""
+    masters: list[torch.Tensor] | None = None
+    """fp32 master copies of bf16/fp16 parameters: the update reads and writes them,
+    and the parameter receives the master rounded to its dtype. None: the parameter
+    itself is read, widened, updated and rounded."""
 
 
 class Backend(Protocol):

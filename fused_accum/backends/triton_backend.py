@@ -253,7 +253,12 @@ class TritonBackend:
             POINTER_TABLE=params.pointer_table,
             USE_BUFFER=batch.use_buffer,
             HAS_GRADS=batch.grads is not None,
+            HAS_MASTER=batch.masters is not None,
         )
+
+    def _master_base(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
+        """The flat tensor of the masters, or (unused) the buffer."""
+        return base if batch.masters is None else _flat_base(batch.masters, batch.buffers)
 
     def sgd_step(
         self,
@@ -283,6 +288,7 @@ class TritonBackend:
             grads.base,
             grads.offsets,
             momentum_base,
+            self._master_base(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),
@@ -331,6 +337,7 @@ class TritonBackend:
             exp_avg_base,
             _flat_base(exp_avg_sqs, batch.buffers),
             exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
+            self._master_base(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),

@@ -178,12 +178,12 @@ def accumulate_kernel(
 
 @triton.jit
 def _sgd_block(
-    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
-    flat, mask, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
+    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr, tensor,
+    local, flat, mask, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
@@ -192,7 +192,10 @@ def _sgd_block(
     if MAXIMIZE:
         gradient = -gradient
     param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
-    param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
+    if HAS_MASTER:
+        param = _load(master_ptr + flat, mask)
+    else:
+        param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
     if HAS_WEIGHT_DECAY:
         gradient += weight_decay * param
     if HAS_MOMENTUM:
@@ -207,6 +210,8 @@ def _sgd_block(
         else:
             gradient = velocity
     param -= lr * gradient
+    if HAS_MASTER:
+        tl.store(master_ptr + flat, param, mask=mask)
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
 
 
@@ -218,6 +223,7 @@ def sgd_kernel(
     grads,  # fresh gradients of the last micro-step: address table or base tensor
     grad_offsets,  # int64 [tensors]
     momentum_ptr,  # flat momentum buffers
+    master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -238,6 +244,7 @@ def sgd_kernel(
     INIT_MOMENTUM: tl.constexpr,  # first update: the momentum buffer becomes the gradient
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -245,29 +252,30 @@ def sgd_kernel(
     )
     if whole:
         _sgd_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
-            flat, None, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
-            PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY,
-            HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
+            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+            tensor, local, flat, None, normaliser, grad_scale, lr, momentum, one_minus_dampening,
+            weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+            HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE, HAS_MASTER,
         )  # fmt: skip
     else:
         _sgd_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, tensor, local,
-            flat, local < numel, normaliser, grad_scale, lr, momentum, one_minus_dampening,
-            weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-            HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
+            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+            tensor, local, flat, local < numel, normaliser, grad_scale, lr, momentum,
+            one_minus_dampening, weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
+            HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
+            HAS_MASTER,
         )  # fmt: skip
 
 
 @triton.jit
 def _adam_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-    max_exp_avg_sq_ptr, tensor, local, flat, mask, normaliser, grad_scale, one_minus_beta1,
-    beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
+    max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, mask, normaliser, grad_scale,
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
     bias_correction2_sqrt, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
 ):  # fmt: skip
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
@@ -276,7 +284,10 @@ def _adam_block(
     if MAXIMIZE:
         gradient = -gradient
     param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
-    param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
+    if HAS_MASTER:
+        param = _load(master_ptr + flat, mask)
+    else:
+        param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
     if HAS_WEIGHT_DECAY:
         if DECOUPLED:
             param *= decay_factor
@@ -295,6 +306,8 @@ def _adam_block(
     param -= step_size * tl.div_rn(exp_avg, denominator)
     tl.store(exp_avg_ptr + flat, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
+    if HAS_MASTER:
+        tl.store(master_ptr + flat, param, mask=mask)
     tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
 
 
@@ -308,6 +321,7 @@ def adam_kernel(
     exp_avg_ptr,  # flat first moments
     exp_avg_sq_ptr,  # flat second moments
     max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
+    master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -331,6 +345,7 @@ def adam_kernel(
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -339,16 +354,16 @@ def adam_kernel(
     if whole:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, tensor, local, flat, None, normaliser, grad_scale,
+            max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, None, normaliser, grad_scale,
             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
             bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
         )  # fmt: skip
     else:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, tensor, local, flat, local < numel, normaliser, grad_scale,
-            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-            bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+            max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, local < numel, normaliser,
+            grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+            step_size, bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
+            HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
         )  # fmt: skip
