@@ -6,8 +6,6 @@ parameter's state before an update, and how to run an update on a batch."""
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
@@ -18,44 +16,12 @@ import torch
 from torch.optim import Optimizer
 
 from ._accumulation import AccumulationState
+from ._checks import check_accumulation_steps, check_weight, param_tensors
+from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
 
 
-def check_accumulation_steps(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(
-            f"accumulation_steps must be an integer >= 1 (the number of micro-steps per "
-            f"update), got {value!r}"
-        )
-    return int(value)
-
-
-def check_weight(weight: Any) -> float:
-    """A micro-batch weight as a Python float: a positive, finite real number."""
-    if isinstance(weight, torch.Tensor):
-        if weight.numel() != 1 or weight.is_complex():
-            raise ValueError(
-                f"weight must be a real number or a one-element tensor, got a tensor of "
-                f"shape {tuple(weight.shape)} and dtype {weight.dtype}"
-            )
-        weight = weight.item()
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise TypeError(f"weight must be a real number, got {type(weight).__name__}")
-    weight = float(weight)
-    if not (math.isfinite(weight) and weight > 0):
-        raise ValueError(
-            f"weight must be positive and finite (for example the micro-batch's item or "
-            f"token count), got {weight}; to drop a micro-batch, do not call step() for it"
-        )
-    return weight
-
-
-def _param_tensors(params: Iterable[Any]) -> list[torch.Tensor]:
-    """The tensors of a params list that may hold (name, tensor) pairs."""
-    return [item[1] if isinstance(item, tuple) else item for item in params]
-
-
-class FusedAccumOptimizer(Optimizer):
+class FusedAccumOptimizer(StateDictMixin, Optimizer):
     """Base class of the fused_accum optimizers; not used directly."""
 
     _flat_state_names: tuple[str, ...] = ()
@@ -98,7 +64,7 @@ class FusedAccumOptimizer(Optimizer):
         elif not isinstance(params, set):  # torch.optim rejects sets with its own error
             param_group["params"] = params = list(params)
         if isinstance(params, list):
-            self._check_new_params(_param_tensors(params), len(self.param_groups))
+            self._check_new_params(param_tensors(params), len(self.param_groups))
         super().add_param_group(param_group)
         new_params = self.param_groups[-1]["params"]
         for flat_group in self._accumulation.add_params(new_params):
@@ -422,121 +388,6 @@ class FusedAccumOptimizer(Optimizer):
         view = self._accumulation.state_view(param, name)
         view.zero_()
         return view
-
-    # ------------------------------------------------------------------ state_dict
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
-        ignore the extra entry), plus ``"accumulation"``: the current window's buffers
-        and counters, so that a run stopped mid-window resumes exactly."""
-        state_dict = super().state_dict()
-        accumulation = self._accumulation
-        state_dict["accumulation"] = {
-            "window_micro_steps": accumulation.window_micro_steps,
-            "window_weight": accumulation.window_weight,
-            "micro_step_count": accumulation.micro_step_count,
-            "update_count": accumulation.update_count,
-            "last_step_applied": accumulation.last_step_applied,
-            "overflowed": accumulation.overflowed,
-            "buffers": {
-                index: accumulation.buffer_view(param)
-                for index, param in enumerate(self._all_params())
-                if id(param) in accumulation.holds_sum
-            },
-        }
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class or of the matching torch.optim optimizer
-        (state is converted to the accumulation dtype, fp32, whatever it was saved
-        in). A torch.optim state dict leaves an empty window. ``accumulation_steps`` is
-        a setting, not state: the constructor's value stays. Everything is checked
-        before anything changes, so a state dict that does not fit raises and leaves
-        the optimizer as it was."""
-        state_dict = dict(state_dict)
-        saved_state = state_dict.pop("state")
-        window = state_dict.pop("accumulation", None) or {"buffers": {}}
-        id_map = self._check_state_dict(state_dict["param_groups"], saved_state, window)
-        # The saved tensors may be views of our own flat storage (a state dict of this
-        # very optimizer, held in memory): copy those out before that storage changes.
-        saved_state = {k: self._detached(v) for k, v in saved_state.items()}
-        buffers = self._detached(window["buffers"])
-        super().load_state_dict({**state_dict, "state": {}})
-        accumulation = self._accumulation
-        for flat_group in accumulation.groups.values():
-            for flat in flat_group.states.values():
-                flat.zero_()
-        for saved_id, param_state in saved_state.items():
-            param = id_map[saved_id]
-            self.state[param] = self._load_param_state(param, param_state)
-        self.discard_window()
-        for saved_id, buffer in buffers.items():
-            param = id_map[saved_id]
-            accumulation.buffer_view(param).copy_(buffer)
-            accumulation.holds_sum.add(id(param))
-        for name in ("window_micro_steps", "micro_step_count", "update_count"):
-            setattr(accumulation, name, int(window.get(name, 0)))
-        accumulation.window_weight = float(window.get("window_weight", 0.0))
-        accumulation.last_step_applied = bool(window.get("last_step_applied", False))
-        accumulation.overflowed = bool(window.get("overflowed", False))
-
-    def _check_state_dict(
-        self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict
-    ) -> dict[Any, torch.Tensor]:
-        """The map from saved parameter ids to our parameters, once every group size
-        and every saved tensor's shape has been checked."""
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    "loaded state dict contains a parameter group that doesn't match the "
-                    "size of optimizer's group"
-                )
-        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
-        id_map = dict(zip(saved_ids, self._all_params(), strict=True))
-        for saved_id, param_state in saved_state.items():
-            for name, value in param_state.items():
-                if name in self._flat_state_names and isinstance(value, torch.Tensor):
-                    self._check_saved_shape(id_map[saved_id], name, value)
-        for saved_id, buffer in window["buffers"].items():
-            self._check_saved_shape(id_map[saved_id], "accumulation buffer", buffer)
-        return id_map
-
-    def _detached(self, value: Any) -> Any:
-        """``value`` with every tensor that lives in our flat storage copied out."""
-        if isinstance(value, dict):
-            return {key: self._detached(item) for key, item in value.items()}
-        if isinstance(value, torch.Tensor):
-            ours = {
-                flat.untyped_storage().data_ptr()
-                for group in self._accumulation.groups.values()
-                for flat in (group.buffer, *group.states.values())
-            }
-            if value.untyped_storage().data_ptr() in ours:
-                return value.clone()
-        return value
-
-    def _load_param_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
-        loaded: dict[str, Any] = {}
-        for name, value in saved.items():
-            if name in self._flat_state_names and isinstance(value, torch.Tensor):
-                view = self._accumulation.state_view(param, name)
-                view.copy_(value)
-                loaded[name] = view
-            elif name == "step":
-                loaded[name] = torch.tensor(float(value), dtype=torch.float32)
-            else:
-                loaded[name] = value
-        return loaded
-
-    def _check_saved_shape(self, param: torch.Tensor, name: str, value: torch.Tensor) -> None:
-        if value.shape != param.shape:
-            raise ValueError(
-                f"the saved {name} of {self._describe(param)} has shape "
-                f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}; "
-                f"the state dict belongs to a different model"
-            )
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(

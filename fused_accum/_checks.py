@@ -1,0 +1,44 @@
+"""Checks of the optimizers' arguments that need no optimizer."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def check_accumulation_steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"accumulation_steps must be an integer >= 1 (the number of micro-steps per "
+            f"update), got {value!r}"
+        )
+    return int(value)
+
+
+def check_weight(weight: Any) -> float:
+    """A micro-batch weight as a Python float: a positive, finite real number."""
+    if isinstance(weight, torch.Tensor):
+        if weight.numel() != 1 or weight.is_complex():
+            raise ValueError(
+                f"weight must be a real number or a one-element tensor, got a tensor of "
+                f"shape {tuple(weight.shape)} and dtype {weight.dtype}"
+            )
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"weight must be a real number, got {type(weight).__name__}")
+    weight = float(weight)
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(
+            f"weight must be positive and finite (for example the micro-batch's item or "
+            f"token count), got {weight}; to drop a micro-batch, do not call step() for it"
+        )
+    return weight
+
+
+def param_tensors(params: Iterable[Any]) -> list[torch.Tensor]:
+    """The tensors of a params list that may hold (name, tensor) pairs."""
+    return [item[1] if isinstance(item, tuple) else item for item in params]

@@ -1,0 +1,132 @@
+"""state_dict and load_state_dict of the fused_accum optimizers, as a mixin of
+FusedAccumOptimizer: torch.optim's format, plus the window in progress."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+
+from ._accumulation import AccumulationState
+
+
+class StateDictMixin:
+    """Needs ``_accumulation``, ``_flat_state_names``, ``_all_params``, ``_describe``,
+    ``discard_window``, ``state`` and ``param_groups`` from the optimizer."""
+
+    _accumulation: AccumulationState
+    _flat_state_names: tuple[str, ...]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
+        ignore the extra entry), plus ``"accumulation"``: the current window's buffers
+        and counters, so that a run stopped mid-window resumes exactly."""
+        state_dict = super().state_dict()
+        accumulation = self._accumulation
+        state_dict["accumulation"] = {
+            "window_micro_steps": accumulation.window_micro_steps,
+            "window_weight": accumulation.window_weight,
+            "micro_step_count": accumulation.micro_step_count,
+            "update_count": accumulation.update_count,
+            "last_step_applied": accumulation.last_step_applied,
+            "overflowed": accumulation.overflowed,
+            "buffers": {
+                index: accumulation.buffer_view(param)
+                for index, param in enumerate(self._all_params())
+                if id(param) in accumulation.holds_sum
+            },
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the matching torch.optim optimizer
+        (state is converted to the accumulation dtype, fp32, whatever it was saved
+        in). A torch.optim state dict leaves an empty window. ``accumulation_steps`` is
+        a setting, not state: the constructor's value stays. Everything is checked
+        before anything changes, so a state dict that does not fit raises and leaves
+        the optimizer as it was."""
+        state_dict = dict(state_dict)
+        saved_state = state_dict.pop("state")
+        window = state_dict.pop("accumulation", None) or {"buffers": {}}
+        id_map = self._check_state_dict(state_dict["param_groups"], saved_state, window)
+        # The saved tensors may be views of our own flat storage (a state dict of this
+        # very optimizer, held in memory): copy those out before that storage changes.
+        saved_state = {k: self._detached(v) for k, v in saved_state.items()}
+        buffers = self._detached(window["buffers"])
+        super().load_state_dict({**state_dict, "state": {}})
+        accumulation = self._accumulation
+        for flat_group in accumulation.groups.values():
+            for flat in flat_group.states.values():
+                flat.zero_()
+        for saved_id, param_state in saved_state.items():
+            param = id_map[saved_id]
+            self.state[param] = self._load_param_state(param, param_state)
+        self.discard_window()
+        for saved_id, buffer in buffers.items():
+            param = id_map[saved_id]
+            accumulation.buffer_view(param).copy_(buffer)
+            accumulation.holds_sum.add(id(param))
+        for name in ("window_micro_steps", "micro_step_count", "update_count"):
+            setattr(accumulation, name, int(window.get(name, 0)))
+        accumulation.window_weight = float(window.get("window_weight", 0.0))
+        accumulation.last_step_applied = bool(window.get("last_step_applied", False))
+        accumulation.overflowed = bool(window.get("overflowed", False))
+
+    def _check_state_dict(
+        self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict
+    ) -> dict[Any, torch.Tensor]:
+        """The map from saved parameter ids to our parameters, once every group size
+        and every saved tensor's shape has been checked."""
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the "
+                    "size of optimizer's group"
+                )
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        id_map = dict(zip(saved_ids, self._all_params(), strict=True))
+        for saved_id, param_state in saved_state.items():
+            for name, value in param_state.items():
+                if name in self._flat_state_names and isinstance(value, torch.Tensor):
+                    self._check_saved_shape(id_map[saved_id], name, value)
+        for saved_id, buffer in window["buffers"].items():
+            self._check_saved_shape(id_map[saved_id], "accumulation buffer", buffer)
+        return id_map
+
+    def _detached(self, value: Any) -> Any:
+        """``value`` with every tensor that lives in our flat storage copied out."""
+        if isinstance(value, dict):
+            return {key: self._detached(item) for key, item in value.items()}
+        if isinstance(value, torch.Tensor):
+            ours = {
+                flat.untyped_storage().data_ptr()
+                for group in self._accumulation.groups.values()
+                for flat in (group.buffer, *group.states.values())
+            }
+            if value.untyped_storage().data_ptr() in ours:
+                return value.clone()
+        return value
+
+    def _load_param_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        loaded: dict[str, Any] = {}
+        for name, value in saved.items():
+            if name in self._flat_state_names and isinstance(value, torch.Tensor):
+                view = self._accumulation.state_view(param, name)
+                view.copy_(value)
+                loaded[name] = view
+            elif name == "step":
+                loaded[name] = torch.tensor(float(value), dtype=torch.float32)
+            else:
+                loaded[name] = value
+        return loaded
+
+    def _check_saved_shape(self, param: torch.Tensor, name: str, value: torch.Tensor) -> None:
+        if value.shape != param.shape:
+            raise ValueError(
+                f"the saved {name} of {self._describe(param)} has shape "
+                f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}; "
+                f"the state dict belongs to a different model"
+            )
