@@ -1,5 +1,6 @@
 """The optimizer layer shared by SGD, Adam and AdamW: window bookkeeping, gradient
-intake (in step() or during backward), argument checks and state_dict.
+intake (in step() or during backward) and parameter checks; state_dict comes from
+_state_dict.StateDictMixin.
 
 Subclasses say which per-parameter state lives in flat storage, how to prepare a
 parameter's state before an update, and how to run an update on a batch."""
