@@ -18,8 +18,8 @@ class AccumulationState:
 
     During a window a parameter's buffer holds the weighted sum of its gradients so
     far, for the parameters in ``holds_sum`` (their ids: those that have received a
-    gradient);
-    the buffers of the others hold dead values, overwritten by their first gradient.
+    gradient); the buffers of the others hold dead values, overwritten by their first
+    gradient.
     """
 
     def __init__(self, backend_name: str) -> None:
