@@ -12,14 +12,14 @@ TORCH_LIBRARY(fused_accum, m) {
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, bool use_buffer, float normaliser, "
       "float grad_scale, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool init_momentum) -> ()");
+      "bool maximize, bool init_momentum, int rounding_seed) -> ()");
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
       "bool use_buffer, "
       "float normaliser, float grad_scale, int step, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
-      "bool maximize) -> ()");
+      "bool maximize, int rounding_seed) -> ()");
 }
 
 // Importing fused_accum._C loads this library, and with it the registrations above.

@@ -30,12 +30,21 @@ inline void check_masters(at::TensorList masters, at::TensorList params) {
               params[0].scalar_type());
 }
 
+// rounding_seed < 0: round to nearest; else stochastic rounding of bf16 parameters.
+inline void set_rounding(StepArgs& args, int64_t rounding_seed, at::TensorList params,
+                         at::TensorList buffers) {
+  args.stochastic = rounding_seed >= 0 && params[0].scalar_type() == at::kBFloat16;
+  args.rounding_seed = static_cast<uint32_t>(rounding_seed);
+  args.flat_base = static_cast<const char*>(buffers[0].data_ptr()) -
+                   buffers[0].storage_offset() * buffers[0].element_size();
+}
+
 template <StepRunner run>
 void sgd_step_op(at::TensorList params, at::TensorList buffers,
                  std::optional<at::TensorList> grads, at::TensorList momentum_buffers,
                  at::TensorList masters, bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
                  double dampening, double weight_decay, bool nesterov, bool maximize,
-                 bool init_momentum) {
+                 bool init_momentum, int64_t rounding_seed) {
   check_step(params, buffers, grads,
              {{"momentum_buffers", momentum_buffers}, {"masters", masters}}, use_buffer);
   check_masters(masters, params);
@@ -53,6 +62,7 @@ void sgd_step_op(at::TensorList params, at::TensorList buffers,
   args.nesterov = nesterov;
   args.maximize = maximize;
   args.init_momentum = init_momentum;
+  set_rounding(args, rounding_seed, params, buffers);
   run(params, buffers, grads, {momentum_buffers}, masters, args);
 }
 
@@ -63,7 +73,8 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
                   at::TensorList masters, bool use_buffer,
                   double normaliser, double grad_scale, int64_t step_number, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
-                  bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+                  bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                  int64_t rounding_seed) {
   check_step(params, buffers, grads,
              {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
               {"max_exp_avg_sqs", max_exp_avg_sqs}, {"masters", masters}},
@@ -89,6 +100,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
   args.amsgrad = amsgrad;
   args.maximize = maximize;
   args.set_adam_step(step_number);
+  set_rounding(args, rounding_seed, params, buffers);
   run(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, masters, args);
 }
 

@@ -36,6 +36,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         backend: str,
         accumulate_in_backward: bool,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         check_backend_name(backend)
         if defaults.get("differentiable"):
@@ -46,7 +47,19 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._accumulation_steps = check_accumulation_steps(accumulation_steps)
         self.backend = backend
         self.accumulate_in_backward = bool(accumulate_in_backward)
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "master_weights and stochastic_rounding are two answers to one problem; "
+                "choose one (master weights cost 4 bytes per parameter, stochastic "
+                "rounding none)"
+            )
         self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        # Drawn from torch's generator, so torch.manual_seed makes runs repeatable; only
+        # when asked for, so that a drop-in optimizer leaves the generator alone.
+        self._rounding_seed = (
+            int(torch.randint(0, 2**31, (1,)).item()) if stochastic_rounding else 0
+        )
         self._accumulation = AccumulationState(backend)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._pending_weight = 1.0
@@ -348,6 +361,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                         normaliser=1.0 / total_weight,
                         grad_scale=fresh_factor / total_weight,
                         masters=None if master is None else [],
+                        rounding_seed=self._update_rounding_seed(param),
                     )
                 batch.params.append(param)
                 if master is not None:
@@ -372,6 +386,13 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
     ) -> None:
         raise NotImplementedError
+
+    def _update_rounding_seed(self, param: torch.Tensor) -> int | None:
+        """With ``stochastic_rounding``, the seed of this update for a bf16 parameter
+        (a new one every update); else None."""
+        if not self.stochastic_rounding or param.dtype != torch.bfloat16:
+            return None
+        return (self._rounding_seed + self._accumulation.update_count * 0x9E3779B9) % 2**31
 
     def _master_param(self, param: torch.Tensor) -> torch.Tensor | None:
         """With ``master_weights``, the fp32 master copy of a bf16/fp16 parameter,

@@ -17,6 +17,7 @@ class StateDictMixin:
 
     _accumulation: AccumulationState
     _flat_state_names: tuple[str, ...]
+    _rounding_seed: int
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
@@ -31,6 +32,7 @@ class StateDictMixin:
             "update_count": accumulation.update_count,
             "last_step_applied": accumulation.last_step_applied,
             "overflowed": accumulation.overflowed,
+            "rounding_seed": self._rounding_seed,
             "buffers": {
                 index: accumulation.buffer_view(param)
                 for index, param in enumerate(self._all_params())
@@ -72,6 +74,7 @@ class StateDictMixin:
         accumulation.window_weight = float(window.get("window_weight", 0.0))
         accumulation.last_step_applied = bool(window.get("last_step_applied", False))
         accumulation.overflowed = bool(window.get("overflowed", False))
+        self._rounding_seed = int(window.get("rounding_seed", self._rounding_seed))
 
     def _check_state_dict(
         self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict

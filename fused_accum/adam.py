@@ -49,6 +49,11 @@ _ACCUMULATION_DOC = r"""
             ``"master_param"``, saved in the state dict): the update is applied to the
             master and the parameter receives it rounded, so that updates smaller than
             the parameter's precision are not lost. No effect on fp32/fp64 parameters.
+        stochastic_rounding: round bf16 parameters stochastically after each update
+            (unbiased: small updates survive on average, at no memory cost), with a
+            seed drawn from torch's generator at construction and saved in the state
+            dict. The alternative to ``master_weights``; fp16 parameters still round to
+            nearest.
 
     The moments ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are kept in fp32
     (fp64 for fp64 parameters) whatever the parameter's dtype; the update is computed in
@@ -110,6 +115,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         backend: str = "auto",
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
         if capturable:
@@ -137,6 +143,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -211,6 +218,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         backend: str = "auto",
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -229,4 +237,5 @@ class FusedAccumAdamW(FusedAccumAdam):
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
         )

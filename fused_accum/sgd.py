@@ -66,6 +66,11 @@ class FusedAccumSGD(FusedAccumOptimizer):
             ``"master_param"``, saved in the state dict): the update is applied to the
             master and the parameter receives it rounded, so that updates smaller than
             the parameter's precision are not lost. No effect on fp32/fp64 parameters.
+        stochastic_rounding: round bf16 parameters stochastically after each update
+            (unbiased: small updates survive on average, at no memory cost), with a
+            seed drawn from torch's generator at construction and saved in the state
+            dict. The alternative to ``master_weights``; fp16 parameters still round to
+            nearest.
 
     Momentum buffers are kept in fp32 (fp64 for fp64 parameters).
     """
@@ -89,6 +94,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         backend: str = "auto",
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
+        stochastic_rounding: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -118,6 +124,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             backend=backend,
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:

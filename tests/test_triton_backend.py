@@ -71,6 +71,8 @@ def test_found_inf_raised_by_one_element(backend, device, bad_value, position, d
 def test_step(backend, device, dtype, name, kwargs):
     if kwargs.get("master") and dtype not in (torch.bfloat16, torch.float16):
         pytest.skip("master weights are for bf16/fp16 parameters")
+    if kwargs.get("stochastic") and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is for bf16 parameters")
     runner = {"sgd": run_sgd, "adam": run_adam}[name]
     runner(backend, SHAPES, dtype, device=device, **kwargs)
 
@@ -83,6 +85,7 @@ def test_cases_cover_every_flag():
         + 3 * len(BATCH_KINDS)
         + len(ADAM_FLAGS) * len(BATCH_KINDS) * 2
         + 2 * len(BATCH_KINDS)  # master weights
+        + 2 * len(BATCH_KINDS)  # stochastic rounding
     )
     assert {name for name, kwargs in cases if kwargs.get("master")} == {"sgd", "adam"}
     for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):

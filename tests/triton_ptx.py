@@ -30,6 +30,8 @@ def _compile(kernel, arch, pointer_types, constexprs):
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = pointer_types[name]
+        elif name == "seed":
+            signature[name] = "i32"
         elif name.endswith(("_offsets", "_start", "numels")) or name in TABLES:
             signature[name] = "*i32" if name == "block_tensor" else "*i64"
         else:
@@ -83,7 +85,7 @@ def variants():
         )  # fmt: skip
         step = dict(common, PARAM_DTYPE=TL[dtype], GRAD_DTYPE=TL[dtype], USE_BUFFER=True,
                     HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True,
-                    HAS_MASTER=dtype != "fp32")  # fmt: skip
+                    HAS_MASTER=dtype == "fp16", STOCHASTIC=dtype == "bf16")  # fmt: skip
         yield (
             "sgd", arch, f"{dtype} table={table}",
             _compile(kernels.sgd_kernel, arch, operands,

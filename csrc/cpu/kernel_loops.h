@@ -80,14 +80,29 @@ inline typename P::acc applied_gradient(const typename P::acc* __restrict buffer
   }
 }
 
+// The parameter's new value rounded to its storage: stochastically for bf16 when
+// STOCHASTIC (element `index` of the flat storage, this update's `seed`).
+template <typename P, bool STOCHASTIC>
+inline typename P::storage store_param(typename P::acc value, int64_t index, uint32_t seed) {
+  if constexpr (STOCHASTIC && std::is_same_v<P, BF16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return stochastic_bf16_bits(bits, stochastic_noise(uint64_t(index), seed));
+  } else {
+    return P::store(value);
+  }
+}
+
 template <typename acc>
 struct SgdScalars {
   acc normaliser, grad_scale, sign, lr, momentum, one_minus_dampening, weight_decay;
   bool init_momentum, nesterov;
+  int64_t flat_begin;  // flat position of the chunk's first element
+  uint32_t seed;
 };
 
 template <typename P, bool USE_BUFFER, bool HAS_GRADS, bool HAS_WEIGHT_DECAY, bool HAS_MOMENTUM,
-          bool HAS_MASTER>
+          bool HAS_MASTER, bool STOCHASTIC>
 void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
                const typename P::storage* __restrict grad,
                typename P::acc* __restrict momentum_buffer, typename P::acc* __restrict master,
@@ -111,7 +126,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
     }
     value -= s.lr * gradient;
     if constexpr (HAS_MASTER) master[i] = value;
-    param[i] = P::store(value);
+    param[i] = store_param<P, STOCHASTIC>(value, s.flat_begin + i, s.seed);
   }
 }
 
@@ -119,12 +134,14 @@ template <typename acc>
 struct AdamScalars {
   acc normaliser, grad_scale, sign, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
       decay_factor, step_size, bias_correction2_sqrt;
+  int64_t flat_begin;  // flat position of the chunk's first element
+  uint32_t seed;
 };
 
 enum class WeightDecay { none, coupled, decoupled };
 
 template <typename P, bool USE_BUFFER, bool HAS_GRADS, WeightDecay DECAY, bool AMSGRAD,
-          bool HAS_MASTER>
+          bool HAS_MASTER, bool STOCHASTIC>
 void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __restrict buffer,
                 const typename P::storage* __restrict grad, typename P::acc* __restrict exp_avg,
                 typename P::acc* __restrict exp_avg_sq, typename P::acc* __restrict max_exp_avg_sq,
@@ -157,7 +174,7 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
     const acc denominator = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
     value -= s.step_size * (first / denominator);
     if constexpr (HAS_MASTER) master[i] = value;
-    param[i] = P::store(value);
+    param[i] = store_param<P, STOCHASTIC>(value, s.flat_begin + i, s.seed);
   }
 }
 
@@ -190,13 +207,24 @@ inline void with_flag(bool flag, const Fn& fn) {
   }
 }
 
+// Stochastic rounding as a template flag, for bf16 only (the others never instantiate it).
+template <typename P, typename Fn>
+inline void with_stochastic(const StepArgs& a, const Fn& fn) {
+  if constexpr (std::is_same_v<P, BF16>) {
+    with_flag(a.stochastic, fn);
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum, void* master,
-               int64_t n, const StepArgs& a) {
+               int64_t flat_begin, int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
   const SgdScalars<acc> s{acc(a.normaliser), acc(a.grad_scale), acc(a.maximize ? -1 : 1),
                           acc(a.lr),         acc(a.momentum),   acc(1 - a.dampening),
-                          acc(a.weight_decay), a.init_momentum, a.nesterov};
+                          acc(a.weight_decay), a.init_momentum, a.nesterov,
+                          flat_begin,        a.rounding_seed};
   auto* p = static_cast<typename P::storage*>(param);
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
@@ -205,8 +233,11 @@ void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum
   with_flag(a.weight_decay != 0, [&](auto decay) {
     with_flag(a.momentum != 0, [&](auto has_momentum) {
       with_flag(w != nullptr, [&](auto has_master) {
-        sgd_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value, decltype(has_momentum)::value,
-                  decltype(has_master)::value>(p, b, g, m, w, n, s);
+        with_stochastic<P>(a, [&](auto stochastic) {
+          sgd_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value,
+                    decltype(has_momentum)::value, decltype(has_master)::value,
+                    decltype(stochastic)::value>(p, b, g, m, w, n, s);
+        });
       });
     });
   });
@@ -214,15 +245,16 @@ void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum
 
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg,
-                void* exp_avg_sq, void* max_exp_avg_sq, void* master, int64_t n,
-                const StepArgs& a) {
+                void* exp_avg_sq, void* max_exp_avg_sq, void* master, int64_t flat_begin,
+                int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
   const AdamScalars<acc> s{acc(a.normaliser),      acc(a.grad_scale),
                            acc(a.maximize ? -1 : 1), acc(1 - a.beta1),
                            acc(a.beta2),           acc(1 - a.beta2),
                            acc(a.eps),             acc(a.weight_decay),
                            acc(1 - a.lr * a.weight_decay),
-                           acc(a.step_size),       acc(a.bias_correction2_sqrt)};
+                           acc(a.step_size),       acc(a.bias_correction2_sqrt),
+                           flat_begin,             a.rounding_seed};
   auto* p = static_cast<typename P::storage*>(param);
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
@@ -233,8 +265,11 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
   auto run = [&](auto decay) {
     with_flag(a.amsgrad, [&](auto amsgrad) {
       with_flag(w != nullptr, [&](auto has_master) {
-        adam_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value, decltype(amsgrad)::value,
-                   decltype(has_master)::value>(p, b, g, m, v, v_max, w, n, s);
+        with_stochastic<P>(a, [&](auto stochastic) {
+          adam_chunk<P, USE_BUFFER, HAS_GRADS, decltype(decay)::value, decltype(amsgrad)::value,
+                     decltype(has_master)::value, decltype(stochastic)::value>(p, b, g, m, v,
+                                                                               v_max, w, n, s);
+        });
       });
     });
   };
@@ -251,15 +286,23 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
 // `master` the fp32 master copy, or nullptr.
 template <typename P>
 void step_entry(void* param, const void* buffer, const void* grad, void* const* state,
-                void* master, int64_t n, const StepArgs& a) {
+                void* master, int64_t flat_begin, int64_t n, const StepArgs& a) {
   if (a.adam) {
-    if (a.use_buffer && a.has_grads) return adam_flags<P, true, true>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
-    if (a.use_buffer) return adam_flags<P, true, false>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
-    return adam_flags<P, false, true>(param, buffer, grad, state[0], state[1], state[2], master, n, a);
+    auto adam = [&](auto use_buffer, auto has_grads) {
+      adam_flags<P, decltype(use_buffer)::value, decltype(has_grads)::value>(
+          param, buffer, grad, state[0], state[1], state[2], master, flat_begin, n, a);
+    };
+    if (a.use_buffer && a.has_grads) return adam(std::true_type{}, std::true_type{});
+    if (a.use_buffer) return adam(std::true_type{}, std::false_type{});
+    return adam(std::false_type{}, std::true_type{});
   }
-  if (a.use_buffer && a.has_grads) return sgd_flags<P, true, true>(param, buffer, grad, state[0], master, n, a);
-  if (a.use_buffer) return sgd_flags<P, true, false>(param, buffer, grad, state[0], master, n, a);
-  return sgd_flags<P, false, true>(param, buffer, grad, state[0], master, n, a);
+  auto sgd = [&](auto use_buffer, auto has_grads) {
+    sgd_flags<P, decltype(use_buffer)::value, decltype(has_grads)::value>(
+        param, buffer, grad, state[0], master, flat_begin, n, a);
+  };
+  if (a.use_buffer && a.has_grads) return sgd(std::true_type{}, std::true_type{});
+  if (a.use_buffer) return sgd(std::true_type{}, std::false_type{});
+  return sgd(std::false_type{}, std::true_type{});
 }
 
 // Instantiated here, so that they are compiled for this file's instruction set.
@@ -267,7 +310,11 @@ template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, b
 template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool);
 template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool);
 template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool);
-template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
-template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
-template void step_entry<BF16>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
-template void step_entry<F16>(void*, const void*, const void*, void* const*, void*, int64_t, const StepArgs&);
+template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t,
+                                int64_t, const StepArgs&);
+template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t,
+                                int64_t, const StepArgs&);
+template void step_entry<BF16>(void*, const void*, const void*, void* const*, void*, int64_t,
+                                int64_t, const StepArgs&);
+template void step_entry<F16>(void*, const void*, const void*, void* const*, void*, int64_t,
+                                int64_t, const StepArgs&);

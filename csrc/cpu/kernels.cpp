@@ -64,7 +64,7 @@ InstructionSet instruction_set() {
 }
 
 using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool);
-using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t,
+using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t, int64_t,
                        const StepArgs&);
 
 #ifdef FUSED_ACCUM_HAVE_X86_VARIANTS
@@ -163,8 +163,10 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
     }
     const void* grad = grads.has_value() ? at_element((*grads)[chunk.tensor], chunk.begin) : nullptr;
     void* master = masters.empty() ? nullptr : at_element(masters[chunk.tensor], chunk.begin);
+    const int64_t flat_begin = buffers[chunk.tensor].storage_offset() + chunk.begin;
     run(at_element(params[chunk.tensor], chunk.begin),
-        at_element(buffers[chunk.tensor], chunk.begin), grad, state, master, chunk.size, args);
+        at_element(buffers[chunk.tensor], chunk.begin), grad, state, master, flat_begin,
+        chunk.size, args);
   });
 }
 

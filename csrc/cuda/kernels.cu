@@ -125,6 +125,21 @@ __device__ __forceinline__ A applied_gradient(const A* buffer, const P* grad, in
   return a.maximize ? -gradient : gradient;
 }
 
+// The parameter's new value rounded to its storage: stochastically for bf16 when the
+// step asks for it, by the noise of the element's flat position.
+template <typename P, typename A>
+__device__ __forceinline__ P store_param(A value, const A* buffer, int64_t i, const StepArgs& a) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (a.stochastic) {
+      const int64_t index = (buffer - static_cast<const A*>(a.flat_base)) + i;
+      const uint16_t bits = stochastic_bf16_bits(__float_as_uint(value),
+                                                 stochastic_noise(uint64_t(index), a.rounding_seed));
+      return c10::BFloat16(bits, c10::BFloat16::from_bits());
+    }
+  }
+  return static_cast<P>(value);
+}
+
 template <typename P, typename A>
 struct Sgd {
   StepArgs a;
@@ -146,7 +161,7 @@ struct Sgd {
     }
     value -= A(a.lr) * gradient;
     if (master != nullptr) master[i] = value;
-    param[i] = static_cast<P>(value);
+    param[i] = store_param<P, A>(value, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 
@@ -184,7 +199,7 @@ struct Adam {
     const A denominator = sqrt(second_moment) / A(a.bias_correction2_sqrt) + A(a.eps);
     value -= A(a.step_size) * (first / denominator);
     if (master != nullptr) master[i] = value;
-    param[i] = static_cast<P>(value);
+    param[i] = store_param<P, A>(value, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 

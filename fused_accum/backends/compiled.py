@@ -58,6 +58,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def _seed(batch: StepBatch) -> int:
+    """The ops' rounding_seed: -1 for round-to-nearest."""
+    return -1 if batch.rounding_seed is None else batch.rounding_seed
+
+
 class CompiledBackend:
     """torch.ops.fused_accum on CPU (vectorised, multi-threaded) or CUDA."""
 
@@ -103,6 +108,7 @@ class CompiledBackend:
             batch.use_buffer,
             float(batch.normaliser), float(batch.grad_scale), float(lr), float(momentum),
             float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
+            _seed(batch),
         )  # fmt: skip
         write_back(batch.params, params)
 
@@ -129,6 +135,6 @@ class CompiledBackend:
             batch.masters or [], batch.use_buffer, float(batch.normaliser),
             float(batch.grad_scale), int(step), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay),
-            decoupled_weight_decay, amsgrad, maximize,
+            decoupled_weight_decay, amsgrad, maximize, _seed(batch),
         )  # fmt: skip
         write_back(batch.params, params)

@@ -31,8 +31,39 @@ def _working_copy(batch: StepBatch, index: int, dtype: torch.dtype) -> torch.Ten
     return param if param.dtype == dtype else param.to(dtype)
 
 
-def _store(param: torch.Tensor, working: torch.Tensor) -> None:
-    if working is not param:
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(value: torch.Tensor, constant: int) -> torch.Tensor:
+    """(value * constant) mod 2**32 for int64 tensors holding 32-bit values, without
+    int64 overflow: the product is formed from 16-bit halves."""
+    low, high = value & 0xFFFF, value >> 16
+    return (low * constant + ((high * (constant & 0xFFFF)) << 16)) & _MASK32
+
+
+def _stochastic_bf16(value: torch.Tensor, buffer: torch.Tensor, seed: int) -> torch.Tensor:
+    """``value`` (fp32) rounded to bf16 stochastically, as spec.StepBatch.rounding_seed
+    defines: the noise of each element comes from its flat position in the buffer."""
+    index = torch.empty_strided(buffer.shape, buffer.stride(), dtype=torch.int64)
+    flat = index.as_strided((index.numel(),), (1,))
+    torch.arange(buffer.storage_offset(), buffer.storage_offset() + index.numel(), out=flat)
+    h = (_mul32(index & _MASK32, 0x9E3779B1) + seed) & _MASK32
+    h ^= h >> 16
+    h = _mul32(h, 0x85EBCA6B)
+    h ^= h >> 13
+    h = _mul32(h, 0xC2B2AE35)
+    h ^= h >> 16
+    bits = value.view(torch.int32).long() & _MASK32
+    rounded = ((bits + (h & 0xFFFF)) >> 16) & 0xFFFF
+    signed = torch.where(rounded >= 0x8000, rounded - 0x10000, rounded)  # as int16 bits
+    return signed.to(torch.int16).view(torch.bfloat16)
+
+
+def _store(batch: StepBatch, index: int, working: torch.Tensor) -> None:
+    param = batch.params[index]
+    if batch.rounding_seed is not None and param.dtype == torch.bfloat16:
+        param.copy_(_stochastic_bf16(working, batch.buffers[index], batch.rounding_seed))
+    elif working is not param:
         param.copy_(working)
 
 
@@ -73,7 +104,7 @@ class ReferenceBackend:
         maximize: bool,
         init_momentum: bool,
     ) -> None:
-        for i, param in enumerate(batch.params):
+        for i in range(len(batch.params)):
             grad = _applied_gradient(batch, i)
             if maximize:
                 grad = grad.neg_()
@@ -91,7 +122,7 @@ class ReferenceBackend:
                 else:
                     grad = momentum_buffer
             working.add_(grad, alpha=-lr)
-            _store(param, working)
+            _store(batch, i, working)
 
     def adam_step(
         self,
@@ -113,7 +144,7 @@ class ReferenceBackend:
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         step_size = lr / bias_correction1
-        for i, param in enumerate(batch.params):
+        for i in range(len(batch.params)):
             grad = _applied_gradient(batch, i)
             if maximize:
                 grad = grad.neg_()
@@ -133,4 +164,4 @@ class ReferenceBackend:
                 second_moment = exp_avg_sq
             denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
             working.addcdiv_(exp_avg, denom, value=-step_size)
-            _store(param, working)
+            _store(batch, i, working)

@@ -53,6 +53,24 @@ class StepBatch:
     """fp32 master copies of bf16/fp16 parameters: the update reads and writes them,
     and the parameter receives the master rounded to its dtype. None: the parameter
     itself is read, widened, updated and rounded."""
+    rounding_seed: int | None = None
+    """For bf16 parameters: round the result stochastically, not to nearest. The
+    element at flat position i (its buffer's place in the flat storage) adds the low 16
+    bits of ``stochastic_noise(i, rounding_seed)`` to its fp32 bits before truncating
+    to bf16, so every backend rounds alike. A seed in [0, 2**31)."""
+
+
+def stochastic_noise_reference(index: int, seed: int) -> int:
+    """The 32-bit hash behind stochastic rounding (murmur3's finaliser of
+    index * 0x9E3779B1 + seed, all mod 2**32), in plain Python: the definition every
+    backend follows."""
+    mask = 0xFFFFFFFF
+    h = (index * 0x9E3779B1 + seed) & mask
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & mask
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & mask
+    return h ^ (h >> 16)
 
 
 class Backend(Protocol):

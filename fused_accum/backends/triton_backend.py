@@ -254,6 +254,7 @@ class TritonBackend:
             USE_BUFFER=batch.use_buffer,
             HAS_GRADS=batch.grads is not None,
             HAS_MASTER=batch.masters is not None,
+            STOCHASTIC=batch.rounding_seed is not None,
         )
 
     def _master_base(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
@@ -296,6 +297,7 @@ class TritonBackend:
             float(momentum),
             float(1 - dampening),
             float(weight_decay),
+            batch.rounding_seed or 0,
             **self._common_constexprs(batch, params, grads),
             HAS_WEIGHT_DECAY=weight_decay != 0,
             HAS_MOMENTUM=momentum != 0,
@@ -349,6 +351,7 @@ class TritonBackend:
             float(1 - lr * weight_decay),
             float(lr / (1 - beta1**step)),
             float((1 - beta2**step) ** 0.5),
+            batch.rounding_seed or 0,
             **self._common_constexprs(batch, params, grads),
             HAS_WEIGHT_DECAY=weight_decay != 0,
             DECOUPLED=decoupled_weight_decay,

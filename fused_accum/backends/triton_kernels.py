@@ -94,6 +94,28 @@ def _to_param_dtype(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _stochastic_noise(index, seed):
+    """The 32-bit hash behind stochastic rounding (spec.stochastic_noise_reference)."""
+    h = index.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _round_param(x, flat, seed, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The parameter's new value in its dtype: stochastically rounded for bf16 when
+    STOCHASTIC (by the noise of its flat position), else to nearest even."""
+    if STOCHASTIC and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True) + (_stochastic_noise(flat, seed) & 0xFFFF)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return _to_param_dtype(x, DTYPE)
+
+
+@triton.jit
 def _applied_gradient(
     buffer_ptr,
     grads,
@@ -180,10 +202,10 @@ def accumulate_kernel(
 def _sgd_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr, tensor,
     local, flat, mask, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
+    seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):  # fmt: skip
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
@@ -212,7 +234,7 @@ def _sgd_block(
     param -= lr * gradient
     if HAS_MASTER:
         tl.store(master_ptr + flat, param, mask=mask)
-    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    tl.store(param_address, _round_param(param, flat, seed, PARAM_DTYPE, STOCHASTIC), mask=mask)
 
 
 @triton.jit
@@ -234,6 +256,7 @@ def sgd_kernel(
     momentum,  # momentum factor
     one_minus_dampening,  # 1 - dampening of the momentum
     weight_decay,  # L2 penalty
+    seed,  # this update's seed of stochastic rounding
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr,
@@ -245,6 +268,7 @@ def sgd_kernel(
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
+    STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -254,16 +278,17 @@ def sgd_kernel(
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
             tensor, local, flat, None, normaliser, grad_scale, lr, momentum, one_minus_dampening,
-            weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+            weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
             HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE, HAS_MASTER,
+            STOCHASTIC,
         )  # fmt: skip
     else:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
             tensor, local, flat, local < numel, normaliser, grad_scale, lr, momentum,
-            one_minus_dampening, weight_decay, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
-            HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE,
-            HAS_MASTER,
+            one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV,
+            MAXIMIZE, HAS_MASTER, STOCHASTIC,
         )  # fmt: skip
 
 
@@ -272,10 +297,10 @@ def _adam_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
     max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, mask, normaliser, grad_scale,
     one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-    bias_correction2_sqrt, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):  # fmt: skip
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
@@ -308,7 +333,7 @@ def _adam_block(
     tl.store(exp_avg_sq_ptr + flat, exp_avg_sq, mask=mask)
     if HAS_MASTER:
         tl.store(master_ptr + flat, param, mask=mask)
-    tl.store(param_address, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    tl.store(param_address, _round_param(param, flat, seed, PARAM_DTYPE, STOCHASTIC), mask=mask)
 
 
 @triton.jit
@@ -336,6 +361,7 @@ def adam_kernel(
     decay_factor,  # 1 - lr * weight_decay (decoupled AdamW)
     step_size,  # lr / (1 - beta1**step)
     bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    seed,  # this update's seed of stochastic rounding
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr,
@@ -346,6 +372,7 @@ def adam_kernel(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
+    STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -356,14 +383,15 @@ def adam_kernel(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, None, normaliser, grad_scale,
             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-            bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-            HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
+            bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
+            HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC,
         )  # fmt: skip
     else:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, local < numel, normaliser,
             grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-            step_size, bias_correction2_sqrt, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
-            HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
+            step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
+            STOCHASTIC,
         )  # fmt: skip
