@@ -71,7 +71,7 @@ def test_matches_torch_optim(name, kwargs, dtype, steps):
     exact = steps == 1 and dtype in (torch.float32, torch.float64)
     for index, param in enumerate(params):
         assert param.dtype == dtype
-        _check(param, oracle.params[index], truth.params[index], exact, ATOL[dtype], index)
+        _check(param, oracle.params[index], truth.params[index], exact, ATOL[dtype], dtype, index)
         ours_state, oracle_state = ours.state[param], oracle.state(index)
         assert set(ours_state) == set(oracle_state), index
         for key in STATE_NAMES:
@@ -87,16 +87,18 @@ def test_matches_torch_optim(name, kwargs, dtype, steps):
             # Relative to the state's scale; for bf16/fp16 parameters one low-precision
             # ulp of it, as the rounded parameters feed back through weight decay.
             atol = ATOL[dtype] * max_error(true, torch.zeros_like(true))
-            _check(value, oracle_state[key], true, exact, atol, (index, key))
+            _check(value, oracle_state[key], true, exact, atol, dtype, (index, key))
 
 
-def _check(value, expected, true, exact, atol, what):
+def _check(value, expected, true, exact, atol, param_dtype, what):
     if exact:
         assert torch.equal(value, expected), what
         return
     ours_error, torch_error = max_error(value, true), max_error(expected, true)
     if not math.isfinite(torch_error):
         # torch's fp16 Adam can fail outright (its eps and exp_avg_sq underflow in
-        # fp16, giving 0/0); then ours must stay within a few ulps of the truth.
-        torch_error = 4 * torch.finfo(value.dtype).eps * max_error(true, torch.zeros_like(true))
+        # fp16, giving 0/0); then ours must stay within a few ulps of the parameter
+        # dtype (its rounding is what feeds back, into the state too) of the truth.
+        scale = max_error(true, torch.zeros_like(true))
+        torch_error = 4 * torch.finfo(param_dtype).eps * scale
     assert ours_error <= 2 * torch_error + atol, (what, ours_error, torch_error)
