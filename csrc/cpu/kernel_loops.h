@@ -80,16 +80,31 @@ inline typename P::acc applied_gradient(const typename P::acc* __restrict buffer
   }
 }
 
-// The parameter's new value rounded to its storage: stochastically for bf16 when
-// STOCHASTIC (element `index` of the flat storage, this update's `seed`).
-template <typename P, bool STOCHASTIC>
-inline typename P::storage store_param(typename P::acc value, int64_t index, uint32_t seed) {
+// Where an update starts: the fp32 master (HAS_MASTER), else the parameter widened.
+template <typename P, bool HAS_MASTER>
+inline typename P::acc load_param(const typename P::storage* __restrict param,
+                                  const typename P::acc* __restrict master, int64_t i) {
+  if constexpr (HAS_MASTER) {
+    return master[i];
+  } else {
+    return P::load(param[i]);
+  }
+}
+
+// The update's result: into the master (HAS_MASTER), and into the parameter rounded,
+// stochastically for bf16 when STOCHASTIC (by the noise of flat position
+// flat_begin + i and this update's seed), else to nearest even.
+template <typename P, bool HAS_MASTER, bool STOCHASTIC>
+inline void store_param(typename P::acc value, typename P::storage* __restrict param,
+                        typename P::acc* __restrict master, int64_t i, int64_t flat_begin,
+                        uint32_t seed) {
+  if constexpr (HAS_MASTER) master[i] = value;
   if constexpr (STOCHASTIC && std::is_same_v<P, BF16>) {
     uint32_t bits;
     std::memcpy(&bits, &value, sizeof bits);
-    return stochastic_bf16_bits(bits, stochastic_noise(uint64_t(index), seed));
+    param[i] = stochastic_bf16_bits(bits, stochastic_noise(uint64_t(flat_begin + i), seed));
   } else {
-    return P::store(value);
+    param[i] = P::store(value);
   }
 }
 
@@ -111,12 +126,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
-    acc value;
-    if constexpr (HAS_MASTER) {
-      value = master[i];
-    } else {
-      value = P::load(param[i]);
-    }
+    acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (HAS_WEIGHT_DECAY) gradient += s.weight_decay * value;
     if constexpr (HAS_MOMENTUM) {
       const acc decayed = momentum_buffer[i] * s.momentum + s.one_minus_dampening * gradient;
@@ -125,8 +135,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
       gradient = s.nesterov ? gradient + s.momentum * velocity : velocity;
     }
     value -= s.lr * gradient;
-    if constexpr (HAS_MASTER) master[i] = value;
-    param[i] = store_param<P, STOCHASTIC>(value, s.flat_begin + i, s.seed);
+    store_param<P, HAS_MASTER, STOCHASTIC>(value, param, master, i, s.flat_begin, s.seed);
   }
 }
 
@@ -151,12 +160,7 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
-    acc value;
-    if constexpr (HAS_MASTER) {
-      value = master[i];
-    } else {
-      value = P::load(param[i]);
-    }
+    acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (DECAY == WeightDecay::coupled) gradient += s.weight_decay * value;
     if constexpr (DECAY == WeightDecay::decoupled) value *= s.decay_factor;
     acc first = exp_avg[i];
@@ -173,8 +177,7 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
     }
     const acc denominator = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
     value -= s.step_size * (first / denominator);
-    if constexpr (HAS_MASTER) master[i] = value;
-    param[i] = store_param<P, STOCHASTIC>(value, s.flat_begin + i, s.seed);
+    store_param<P, HAS_MASTER, STOCHASTIC>(value, param, master, i, s.flat_begin, s.seed);
   }
 }
 
