@@ -21,6 +21,26 @@ from ._checks import check_accumulation_steps, check_weight, param_tensors
 from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
 
+# The arguments every fused_accum optimizer adds to torch.optim's, for their docstrings.
+ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>= 1).
+        backend: ``"auto"`` (the fastest available per (device, dtype) group),
+            ``"torch"`` (the pure-PyTorch reference), ``"triton"``, ``"cpu"`` or
+            ``"cuda"``; an explicit one that cannot serve a group raises an error.
+        accumulate_in_backward: fold each gradient into its buffer during backward, as
+            soon as autograd produces it, and free it, so the whole model's ``.grad``
+            never exists at once. step() then only counts and applies; give a
+            micro-batch's weight with :meth:`set_weight` before its backward.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
+            ``"master_param"``, saved in the state dict): the update is applied to the
+            master and the parameter receives it rounded, so that updates smaller than
+            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
+        stochastic_rounding: round bf16 parameters stochastically after each update
+            (unbiased: small updates survive on average, at no memory cost), with a
+            seed drawn from torch's generator at construction and saved in the state
+            dict. The alternative to ``master_weights``; fp16 parameters still round to
+            nearest.
+"""
+
 
 class FusedAccumOptimizer(StateDictMixin, Optimizer):
     """Base class of the fused_accum optimizers; not used directly."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedAccumOptimizer
+from ._optimizer import ACCUMULATION_ARGS_DOC, FusedAccumOptimizer
 from .backends import Backend, StepBatch
 
 _ACCUMULATION_DOC = r"""
@@ -31,6 +31,10 @@ _ACCUMULATION_DOC = r"""
     :meth:`flush` applies a partial window (the end of an epoch); :meth:`discard_window`
     drops it. ``zero_grad()`` only clears ``.grad``, never the buffers.
 
+    The moments ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are kept in fp32
+    (fp64 for fp64 parameters) whatever the parameter's dtype; the update is computed in
+    fp32 and the parameter rounded once.
+
     Args:
         params: parameters or param groups, as for torch.optim (also
             ``(name, parameter)`` pairs).
@@ -38,26 +42,6 @@ _ACCUMULATION_DOC = r"""
         foreach, fused: accepted for compatibility and ignored: ``backend`` chooses the
             implementation.
         capturable, differentiable: must be False.
-        accumulation_steps: micro-steps per update (>= 1).
-        backend: ``"auto"`` (the best available), or ``"torch"`` (the pure-PyTorch
-            reference).
-        accumulate_in_backward: fold each gradient into its buffer during backward, as
-            soon as autograd produces it, and free it, so the whole model's ``.grad``
-            never exists at once. step() then only counts and applies; give a
-            micro-batch's weight with :meth:`set_weight` before its backward.
-        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
-            ``"master_param"``, saved in the state dict): the update is applied to the
-            master and the parameter receives it rounded, so that updates smaller than
-            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
-        stochastic_rounding: round bf16 parameters stochastically after each update
-            (unbiased: small updates survive on average, at no memory cost), with a
-            seed drawn from torch's generator at construction and saved in the state
-            dict. The alternative to ``master_weights``; fp16 parameters still round to
-            nearest.
-
-    The moments ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) are kept in fp32
-    (fp64 for fp64 parameters) whatever the parameter's dtype; the update is computed in
-    fp32 and the parameter rounded once.
 """
 
 
@@ -92,6 +76,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
     schedulers and state dict. ``decoupled_weight_decay=True`` makes it AdamW.
     """
         + _ACCUMULATION_DOC
+        + ACCUMULATION_ARGS_DOC
     )
 
     _flat_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
@@ -198,6 +183,7 @@ class FusedAccumAdamW(FusedAccumAdam):
     0.01 by default), validation, param groups, LR schedulers and state dict.
     """
         + _ACCUMULATION_DOC
+        + ACCUMULATION_ARGS_DOC
     )
 
     def __init__(

@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from ._optimizer import FusedAccumOptimizer
+from ._optimizer import ACCUMULATION_ARGS_DOC, FusedAccumOptimizer
 from .backends import Backend, StepBatch
 
 
 class FusedAccumSGD(FusedAccumOptimizer):
-    r"""Stochastic gradient descent (optionally with momentum) that owns gradient
+    __doc__ = (
+        r"""Stochastic gradient descent (optionally with momentum) that owns gradient
     accumulation. A drop-in replacement for :class:`torch.optim.SGD`: the same
     arguments, validation, param groups, LR schedulers and state dict.
 
@@ -48,6 +49,8 @@ class FusedAccumSGD(FusedAccumOptimizer):
         b \leftarrow \mu b + (1 - \tau) g \ (b = g \text{ at the first update}), \quad
         \theta \leftarrow \theta - \gamma (g + \mu b \text{ if nesterov else } b)
 
+    Momentum buffers are kept in fp32 (fp64 for fp64 parameters).
+
     Args:
         params: parameters or param groups, as for torch.optim.SGD (also
             ``(name, parameter)`` pairs).
@@ -55,25 +58,9 @@ class FusedAccumSGD(FusedAccumOptimizer):
         foreach, fused: accepted for compatibility and ignored: ``backend`` chooses the
             implementation.
         differentiable: must be False.
-        accumulation_steps: micro-steps per update (>= 1).
-        backend: ``"auto"`` (the best available), or ``"torch"`` (the pure-PyTorch
-            reference).
-        accumulate_in_backward: fold each gradient into its buffer during backward, as
-            soon as autograd produces it, and free it, so the whole model's ``.grad``
-            never exists at once. step() then only counts and applies; give a
-            micro-batch's weight with :meth:`set_weight` before its backward.
-        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
-            ``"master_param"``, saved in the state dict): the update is applied to the
-            master and the parameter receives it rounded, so that updates smaller than
-            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
-        stochastic_rounding: round bf16 parameters stochastically after each update
-            (unbiased: small updates survive on average, at no memory cost), with a
-            seed drawn from torch's generator at construction and saved in the state
-            dict. The alternative to ``master_weights``; fp16 parameters still round to
-            nearest.
-
-    Momentum buffers are kept in fp32 (fp64 for fp64 parameters).
-    """
+"""
+        + ACCUMULATION_ARGS_DOC
+    )
 
     _flat_state_names = ("momentum_buffer", "master_param")
 
