@@ -125,19 +125,29 @@ __device__ __forceinline__ A applied_gradient(const A* buffer, const P* grad, in
   return a.maximize ? -gradient : gradient;
 }
 
-// The parameter's new value rounded to its storage: stochastically for bf16 when the
-// step asks for it, by the noise of the element's flat position.
+// Where an update starts: the fp32 master when there is one, else the parameter.
 template <typename P, typename A>
-__device__ __forceinline__ P store_param(A value, const A* buffer, int64_t i, const StepArgs& a) {
+__device__ __forceinline__ A load_param(const P* param, const A* master, int64_t i) {
+  return master != nullptr ? master[i] : static_cast<A>(param[i]);
+}
+
+// The update's result: into the master when there is one, and into the parameter
+// rounded, stochastically for bf16 when the step asks for it (by the noise of the
+// element's flat position), else to nearest even.
+template <typename P, typename A>
+__device__ __forceinline__ void store_param(A value, P* param, A* master, const A* buffer,
+                                            int64_t i, const StepArgs& a) {
+  if (master != nullptr) master[i] = value;
   if constexpr (std::is_same_v<P, c10::BFloat16>) {
     if (a.stochastic) {
       const int64_t index = (buffer - static_cast<const A*>(a.flat_base)) + i;
       const uint16_t bits = stochastic_bf16_bits(__float_as_uint(value),
                                                  stochastic_noise(uint64_t(index), a.rounding_seed));
-      return c10::BFloat16(bits, c10::BFloat16::from_bits());
+      param[i] = c10::BFloat16(bits, c10::BFloat16::from_bits());
+      return;
     }
   }
-  return static_cast<P>(value);
+  param[i] = static_cast<P>(value);
 }
 
 template <typename P, typename A>
@@ -149,7 +159,7 @@ struct Sgd {
     auto* master = static_cast<A*>(table.address[4][t]);
     A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
                                         static_cast<const P*>(table.address[2][t]), i, a);
-    A value = master != nullptr ? master[i] : static_cast<A>(param[i]);
+    A value = load_param<P, A>(param, master, i);
     if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
     if (a.momentum != 0) {
       auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
@@ -160,8 +170,7 @@ struct Sgd {
       gradient = a.nesterov ? gradient + A(a.momentum) * velocity : velocity;
     }
     value -= A(a.lr) * gradient;
-    if (master != nullptr) master[i] = value;
-    param[i] = store_param<P, A>(value, static_cast<const A*>(table.address[1][t]), i, a);
+    store_param<P, A>(value, param, master, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 
@@ -174,7 +183,7 @@ struct Adam {
     auto* master = static_cast<A*>(table.address[6][t]);
     A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
                                         static_cast<const P*>(table.address[2][t]), i, a);
-    A value = master != nullptr ? master[i] : static_cast<A>(param[i]);
+    A value = load_param<P, A>(param, master, i);
     if (a.weight_decay != 0) {
       if (a.decoupled_weight_decay) {
         value *= A(1 - a.lr * a.weight_decay);
@@ -198,8 +207,7 @@ struct Adam {
     }
     const A denominator = sqrt(second_moment) / A(a.bias_correction2_sqrt) + A(a.eps);
     value -= A(a.step_size) * (first / denominator);
-    if (master != nullptr) master[i] = value;
-    param[i] = store_param<P, A>(value, static_cast<const A*>(table.address[1][t]), i, a);
+    store_param<P, A>(value, param, master, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 
