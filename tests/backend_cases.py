@@ -136,7 +136,9 @@ def run_accumulate(backend, shapes, param_dtype, overwrite, device="cpu"):
     assert found_inf.item() == 0.0
 
 
-def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu"):
+def run_found_inf(
+    backend, shapes, param_dtype, bad_value, position, device="cpu", overwrite=False
+):
     """One non-finite element, at the start, middle or end of the largest gradient."""
     case = Case(shapes, param_dtype, device)
     grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
@@ -144,7 +146,9 @@ def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu
     flat = grads[largest].view(-1)
     flat[{"first": 0, "middle": flat.numel() // 2, "last": -1}[position]] = bad_value
     found_inf = torch.zeros(1, device=device)
-    backend.accumulate(case.buffers(), grads, scale=1.0, overwrite=False, found_inf=found_inf)
+    backend.accumulate(
+        case.buffers(), grads, scale=1.0, overwrite=overwrite, found_inf=found_inf
+    )
     assert found_inf.item() == 1.0
 
 

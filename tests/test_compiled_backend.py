@@ -52,6 +52,19 @@ def test_found_inf_raised_by_one_element(device, bad_value, position, dtype):
     run_found_inf(_backend(device), SHAPES, dtype, bad_value, position, device)
 
 
+# Over 64 MB of fp32 buffer in one call: the CPU kernel's first micro-step then writes
+# past the cache, a line at a time, with a tail of plain stores (odd sizes).
+LARGE_SHAPES = [(8_388_609,), (1, 8_388_607), (3,)]
+
+
+@pytest.mark.parametrize("device", DEVICES[:1])
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=DTYPE_IDS[:3])
+def test_first_micro_step_past_the_cache(device, dtype):
+    run_accumulate(_backend(device), LARGE_SHAPES, dtype, True, device)
+    for position in ("first", "middle", "last"):
+        run_found_inf(_backend(device), LARGE_SHAPES, dtype, math.nan, position, device, True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(

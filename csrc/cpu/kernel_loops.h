@@ -1,7 +1,8 @@
 // The CPU loops of the kernel spec over one chunk of one tensor, written so that the
-// compiler vectorises them. This file is included twice by kernels.cpp, inside two
-// namespaces: once for the baseline instruction set and once under
-// `#pragma GCC target("avx2,fma,f16c")`; it has no include guard on purpose and
+// compiler vectorises them. kernels.cpp includes this file once per instruction set
+// (baseline, and on x86-64 with GCC under `#pragma GCC target` for AVX2 and AVX-512),
+// each time inside its own namespace that first defines stream_line(dst, src) (copy one
+// 64-byte line past the cache) and stream_fence(). No include guard on purpose; it
 // includes nothing (kernels.cpp includes what it needs first).
 
 // Element formats: how a stored value is widened to the accumulation type and how a
@@ -184,13 +185,41 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
 // Entry points: one per op and element format, taking untyped pointers and the
 // host-side arguments, and choosing the loop instantiation for the flags. kernels.cpp
 // calls them through function pointers picked once for the CPU's instruction set.
+// buffer = scale * grad, a cache line at a time through stores that bypass the cache
+// (stream_line): the buffer is not read before the window's next micro-step, so this
+// saves the read of each line that a plain store costs. Needs a 64-byte aligned buffer.
+template <typename G, bool CHECK>
+bool overwrite_streaming(float* __restrict buffer, const typename G::storage* __restrict grad,
+                         int64_t n, float scale) {
+  constexpr int64_t kLine = 16;
+  int nonfinite = 0;
+  int64_t i = 0;
+  for (; i + kLine <= n; i += kLine) {
+    alignas(64) float line[kLine];
+    for (int64_t j = 0; j < kLine; ++j) {
+      const float value = G::load(grad[i + j]);
+      if constexpr (CHECK) nonfinite |= !(value - value == 0.0f);
+      line[j] = value * scale;
+    }
+    stream_line(buffer + i, line);
+  }
+  stream_fence();
+  return accumulate_chunk<G, true, CHECK>(buffer + i, grad + i, n - i, scale) || nonfinite != 0;
+}
+
 template <typename G>
 bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, bool overwrite,
-                      bool check) {
+                      bool check, bool stream) {
   using acc = typename G::acc;
   auto* sums = static_cast<acc*>(buffer);
   const auto* grads = static_cast<const typename G::storage*>(grad);
   const acc factor = acc(scale);
+  if constexpr (std::is_same_v<acc, float>) {
+    if (overwrite && stream && reinterpret_cast<uintptr_t>(buffer) % 64 == 0) {
+      return check ? overwrite_streaming<G, true>(sums, grads, n, factor)
+                   : overwrite_streaming<G, false>(sums, grads, n, factor);
+    }
+  }
   if (overwrite) {
     return check ? accumulate_chunk<G, true, true>(sums, grads, n, factor)
                  : accumulate_chunk<G, true, false>(sums, grads, n, factor);
@@ -309,10 +338,10 @@ void step_entry(void* param, const void* buffer, const void* grad, void* const* 
 }
 
 // Instantiated here, so that they are compiled for this file's instruction set.
-template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool);
-template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool);
-template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool);
-template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool);
+template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool, bool);
+template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool, bool);
+template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool, bool);
+template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool, bool);
 template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t,
                                 int64_t, const StepArgs&);
 template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t,

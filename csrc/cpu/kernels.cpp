@@ -14,6 +14,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../checks.h"
 #include "../step_args.h"
 #include "../step_ops.h"
@@ -22,6 +26,15 @@ namespace fused_accum {
 namespace cpu {
 
 namespace baseline {
+#if defined(__x86_64__)
+inline void stream_line(float* dst, const float* src) {
+  for (int j = 0; j < 16; j += 4) _mm_stream_ps(dst + j, _mm_load_ps(src + j));
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+inline void stream_line(float* dst, const float* src) { std::memcpy(dst, src, 64); }
+inline void stream_fence() {}
+#endif
 #include "kernel_loops.h"
 }  // namespace baseline
 
@@ -30,12 +43,19 @@ namespace baseline {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+inline void stream_line(float* dst, const float* src) {
+  _mm256_stream_ps(dst, _mm256_load_ps(src));
+  _mm256_stream_ps(dst + 8, _mm256_load_ps(src + 8));
+}
+inline void stream_fence() { _mm_sfence(); }
 #include "kernel_loops.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 namespace avx512 {
+inline void stream_line(float* dst, const float* src) { _mm512_stream_ps(dst, _mm512_load_ps(src)); }
+inline void stream_fence() { _mm_sfence(); }
 #include "kernel_loops.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -63,7 +83,7 @@ InstructionSet instruction_set() {
 #endif
 }
 
-using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool);
+using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool, bool);
 using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t, int64_t,
                        const StepArgs&);
 
@@ -104,6 +124,11 @@ struct Chunk {
 };
 constexpr int64_t kChunkElements = int64_t(1) << 15;
 
+// From this many buffer bytes in one call, a first micro-step writes the buffer past
+// the cache: it will not fit anyway, and a plain store first reads each line it
+// writes. Below it, the buffer may still be in cache when the next micro-step reads it.
+constexpr int64_t kStreamingBytes = int64_t(64) << 20;
+
 std::vector<Chunk> chunks_of(at::TensorList tensors) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < tensors.size(); ++t) {
@@ -143,10 +168,13 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   }
   const AccumulateFn run = accumulate_function(dtype);
   const bool check = found_inf.has_value();
+  int64_t buffer_bytes = 0;
+  for (const auto& buffer : buffers) buffer_bytes += buffer.numel() * buffer.element_size();
+  const bool stream = overwrite && buffer_bytes >= kStreamingBytes;
   std::atomic<bool> nonfinite{false};
   for_each_chunk(chunks_of(grads), [&](const Chunk& chunk) {
     if (run(at_element(buffers[chunk.tensor], chunk.begin),
-            at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check)) {
+            at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check, stream)) {
       nonfinite.store(true, std::memory_order_relaxed);
     }
   });
