@@ -34,6 +34,10 @@ struct StepArgs {
   bool stochastic = false;
   uint32_t rounding_seed = 0;
   const void* flat_base = nullptr;
+  // Scalars decided on the device (see spec.StepBatch.device_scalars), or nullptr:
+  // [skip, grad_factor] for SGD, [skip, grad_factor, step_size, bias_correction2_sqrt]
+  // for Adam, float64, in the parameters' device memory.
+  const double* device_scalars = nullptr;
 
   // Bias corrections of update number `step`, computed as torch.optim.Adam does.
   void set_adam_step(int64_t step) {

@@ -39,12 +39,27 @@ inline void set_rounding(StepArgs& args, int64_t rounding_seed, at::TensorList p
                    buffers[0].storage_offset() * buffers[0].element_size();
 }
 
+// The step's device scalars (see StepArgs::device_scalars): `count` float64 values on
+// the parameters' device.
+inline void set_device_scalars(StepArgs& args, const std::optional<at::Tensor>& scalars,
+                               at::TensorList params, int64_t count) {
+  if (!scalars.has_value()) return;
+  TORCH_CHECK(scalars->scalar_type() == at::kDouble && scalars->numel() == count &&
+                  scalars->is_contiguous() && scalars->device() == params[0].device(),
+              "fused_accum: device_scalars must be ", count,
+              " contiguous float64 values on the parameters' device (", params[0].device(),
+              "), got ", scalars->numel(), " ", scalars->scalar_type(), " values on ",
+              scalars->device());
+  args.device_scalars = scalars->data_ptr<double>();
+}
+
 template <StepRunner run>
 void sgd_step_op(at::TensorList params, at::TensorList buffers,
                  std::optional<at::TensorList> grads, at::TensorList momentum_buffers,
                  at::TensorList masters, bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
                  double dampening, double weight_decay, bool nesterov, bool maximize,
-                 bool init_momentum, int64_t rounding_seed) {
+                 bool init_momentum, int64_t rounding_seed,
+                 const std::optional<at::Tensor>& device_scalars) {
   check_step(params, buffers, grads,
              {{"momentum_buffers", momentum_buffers}, {"masters", masters}}, use_buffer);
   check_masters(masters, params);
@@ -63,6 +78,7 @@ void sgd_step_op(at::TensorList params, at::TensorList buffers,
   args.maximize = maximize;
   args.init_momentum = init_momentum;
   set_rounding(args, rounding_seed, params, buffers);
+  set_device_scalars(args, device_scalars, params, 2);
   run(params, buffers, grads, {momentum_buffers}, masters, args);
 }
 
@@ -74,7 +90,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
                   double normaliser, double grad_scale, int64_t step_number, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                  int64_t rounding_seed) {
+                  int64_t rounding_seed, const std::optional<at::Tensor>& device_scalars) {
   check_step(params, buffers, grads,
              {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
               {"max_exp_avg_sqs", max_exp_avg_sqs}, {"masters", masters}},
@@ -101,6 +117,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
   args.maximize = maximize;
   args.set_adam_step(step_number);
   set_rounding(args, rounding_seed, params, buffers);
+  set_device_scalars(args, device_scalars, params, 4);
   run(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, masters, args);
 }
 

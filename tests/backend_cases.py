@@ -99,7 +99,10 @@ class Case:
     def states(self, name):
         return [self.group.state_view(name, i) for i in range(len(self.params))]
 
-    def batch(self, use_buffer, grads, normaliser=0.25, grad_scale=0.5):
+    def batch(self, use_buffer, grads, normaliser=0.25, grad_scale=0.5, scalars=None):
+        device_scalars = None
+        if scalars is not None:
+            device_scalars = torch.tensor(scalars, dtype=torch.float64, device=self.group.device)
         return StepBatch(
             params=self.params,
             buffers=self.buffers(),
@@ -109,6 +112,7 @@ class Case:
             grad_scale=grad_scale,
             masters=self.states("master_param") if self.master else None,
             rounding_seed=self.rounding_seed,
+            device_scalars=device_scalars,
         )
 
     def assert_matches(self, reference: Case) -> None:
@@ -125,20 +129,28 @@ class Case:
             assert_same(flat, reference.group.states[name], f"flat {name}")
 
 
-def run_accumulate(backend, shapes, param_dtype, overwrite, device="cpu"):
+def run_accumulate(backend, shapes, param_dtype, overwrite, device="cpu", sum_sq=False):
+    """With ``sum_sq``, the sum of squares of the new buffers is asked for too, added
+    to a value already there."""
     case = Case(shapes, param_dtype, device)
     reference = case.twin()
     grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
     found_inf = torch.zeros(1, device=device)
-    backend.accumulate(case.buffers(), grads, scale=0.75, overwrite=overwrite, found_inf=found_inf)
-    REFERENCE.accumulate(reference.buffers(), grads, scale=0.75, overwrite=overwrite)
+    sums = [torch.full((1,), 2.5, device=device) if sum_sq else None for _ in range(2)]
+    backend.accumulate(
+        case.buffers(), grads, scale=0.75, overwrite=overwrite, found_inf=found_inf, sum_sq=sums[0]
+    )
+    REFERENCE.accumulate(
+        reference.buffers(), grads, scale=0.75, overwrite=overwrite, sum_sq=sums[1]
+    )
     case.assert_matches(reference)
     assert found_inf.item() == 0.0
+    if sum_sq:
+        assert sums[1].item() > 2.5
+        assert math.isclose(sums[0].item(), sums[1].item(), rel_tol=1e-5), sums
 
 
-def run_found_inf(
-    backend, shapes, param_dtype, bad_value, position, device="cpu", overwrite=False
-):
+def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu", overwrite=False):
     """One non-finite element, at the start, middle or end of the largest gradient."""
     case = Case(shapes, param_dtype, device)
     grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
@@ -146,9 +158,7 @@ def run_found_inf(
     flat = grads[largest].view(-1)
     flat[{"first": 0, "middle": flat.numel() // 2, "last": -1}[position]] = bad_value
     found_inf = torch.zeros(1, device=device)
-    backend.accumulate(
-        case.buffers(), grads, scale=1.0, overwrite=overwrite, found_inf=found_inf
-    )
+    backend.accumulate(case.buffers(), grads, scale=1.0, overwrite=overwrite, found_inf=found_inf)
     assert found_inf.item() == 1.0
 
 
@@ -163,6 +173,7 @@ def run_sgd(
     device="cpu",
     master=False,
     stochastic=False,
+    scalars=None,
 ):
     case = Case(
         shapes, param_dtype, device, ("momentum_buffer",), master=master, stochastic=stochastic
@@ -175,7 +186,7 @@ def run_sgd(
     )
     for target, implementation in ((case, backend), (reference, REFERENCE)):
         implementation.sgd_step(
-            target.batch(use_buffer, grads),
+            target.batch(use_buffer, grads, scalars=scalars),
             target.states("momentum_buffer") if flags["momentum"] else None,
             lr=0.1,
             init_momentum=init_momentum,
@@ -195,6 +206,7 @@ def run_adam(
     device="cpu",
     master=False,
     stochastic=False,
+    scalars=None,
 ):
     names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     case = Case(shapes, param_dtype, device, names, master=master, stochastic=stochastic)
@@ -206,7 +218,7 @@ def run_adam(
     )
     for target, implementation in ((case, backend), (reference, REFERENCE)):
         implementation.adam_step(
-            target.batch(use_buffer, grads),
+            target.batch(use_buffer, grads, scalars=scalars),
             target.states("exp_avg"),
             target.states("exp_avg_sq"),
             target.states("max_exp_avg_sq") if flags["amsgrad"] else None,
@@ -243,3 +255,13 @@ def step_cases():
         batch = dict(use_buffer=use_buffer, has_grads=has_grads, stochastic=True)
         yield "sgd", dict(flags=SGD_FLAGS[2], init_momentum=True, **batch)
         yield "adam", dict(flags=ADAM_FLAGS[1], step=5, **batch)
+    # scalars decided on the device: a gradient factor (and Adam's bias corrections), or
+    # a skip, with NaN for the rest so that a step that writes anything is caught
+    for use_buffer, has_grads in BATCH_KINDS:
+        batch = dict(use_buffer=use_buffer, has_grads=has_grads)
+        yield "sgd", dict(flags=SGD_FLAGS[2], init_momentum=False, scalars=[0, 0.37], **batch)
+        yield "sgd", dict(flags=SGD_FLAGS[3], init_momentum=True, scalars=[1, math.nan], **batch)
+        scalars = [0, 0.37, 0.0123, 0.71]
+        yield "adam", dict(flags=ADAM_FLAGS[2], step=1, scalars=scalars, **batch)
+        skip = [1, math.nan, math.nan, math.nan]
+        yield "adam", dict(flags=ADAM_FLAGS[3], step=4, scalars=skip, **batch)

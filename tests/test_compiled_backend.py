@@ -40,8 +40,9 @@ def _backend(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("overwrite", [False, True], ids=["add", "overwrite"])
-def test_accumulate(device, dtype, overwrite):
-    run_accumulate(_backend(device), SHAPES, dtype, overwrite, device)
+@pytest.mark.parametrize("sum_sq", [False, True], ids=["", "sum_sq"])
+def test_accumulate(device, dtype, overwrite, sum_sq):
+    run_accumulate(_backend(device), SHAPES, dtype, overwrite, device, sum_sq=sum_sq)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -148,6 +149,16 @@ def test_contract_violations_raise_clear_errors(device):
         torch.ops.fused_accum.sgd_step(
             [torch.ones(4, device=device)], [buffer], None, [], [buffer.clone()], True, 1.0, 1.0,
             0.1, 0.0, 0.0, 0.0, False, False, False, -1,
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"sum_sq must be a one-element float32"):
+        torch.ops.fused_accum.accumulate(
+            [buffer], [torch.ones(4, device=device)], 1.0, False, None, buffer.double()[:1]
+        )
+    with pytest.raises(RuntimeError, match=r"device_scalars must be 4 contiguous float64 values"):
+        torch.ops.fused_accum.adam_step(
+            [torch.ones(4, device=device)], [buffer], None, [buffer.clone()], [buffer.clone()], [],
+            [], True, 1.0, 1.0, 1, 0.1, 0.9, 0.99, 1e-8, 0.0, False, False, False, -1,
+            torch.zeros(2, dtype=torch.float64, device=device),
         )  # fmt: skip
     with pytest.raises(RuntimeError, match=r"Adam steps count from 1, got 0"):
         torch.ops.fused_accum.adam_step(

@@ -46,8 +46,9 @@ def backend():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("overwrite", [False, True], ids=["add", "overwrite"])
-def test_accumulate(backend, device, dtype, overwrite):
-    run_accumulate(backend, SHAPES, dtype, overwrite, device)
+@pytest.mark.parametrize("sum_sq", [False, True], ids=["", "sum_sq"])
+def test_accumulate(backend, device, dtype, overwrite, sum_sq):
+    run_accumulate(backend, SHAPES, dtype, overwrite, device, sum_sq=sum_sq)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,8 +87,12 @@ def test_cases_cover_every_flag():
         + len(ADAM_FLAGS) * len(BATCH_KINDS) * 2
         + 2 * len(BATCH_KINDS)  # master weights
         + 2 * len(BATCH_KINDS)  # stochastic rounding
+        + 4 * len(BATCH_KINDS)  # device scalars
     )
     assert {name for name, kwargs in cases if kwargs.get("master")} == {"sgd", "adam"}
+    for skip in (0, 1):  # device scalars that apply a factor, and that skip the step
+        with_skip = {name for name, kwargs in cases if (kwargs.get("scalars") or [-1])[0] == skip}
+        assert with_skip == {"sgd", "adam"}, skip
     for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
         assert any(kwargs["flags"][key] for name, kwargs in cases if name == "sgd"), key
     for key in ("weight_decay", "decoupled_weight_decay", "amsgrad", "maximize"):

@@ -31,13 +31,28 @@ def ptx_facts():
 def test_every_variant_compiles(ptx_facts):
     kernels = {(f["kernel"], f["arch"]) for f in ptx_facts}
     assert kernels == {(k, a) for k in ("accumulate", "sgd", "adam") for a in (80, 90)}
-    assert len(ptx_facts) == 3 * 2 * 2 * 3
+    assert len(ptx_facts) == 3 * 2 * 2 * 3 * 2
+    assert {f["extra"] for f in ptx_facts} == {False, True}
 
 
 def test_memory_access_is_vectorised_without_spills(ptx_facts):
     for facts in ptx_facts:
         assert facts["vector_loads"] > 0 and facts["vector_stores"] > 0, facts
         assert not facts["local_memory"], facts
+
+
+def test_extras_keep_the_memory_access_of_the_plain_kernels(ptx_facts):
+    """sum_sq and device scalars (whose skip flag masks every access) leave the vector
+    loads and stores as they are; sum_sq costs one atomic per program, nothing else
+    has any."""
+    plain = {(f["kernel"], f["arch"], f["variant"]): f for f in ptx_facts if not f["extra"]}
+    for facts in ptx_facts:
+        if facts["extra"]:
+            base = plain[facts["kernel"], facts["arch"], facts["variant"]]
+            assert facts["vector_loads"] == base["vector_loads"], (facts, base)
+            assert facts["vector_stores"] == base["vector_stores"], (facts, base)
+        sums = facts["kernel"] == "accumulate" and facts["extra"]
+        assert (facts["atomics"] > 0) == sums, facts
 
 
 def test_adam_rounds_like_torch(ptx_facts):

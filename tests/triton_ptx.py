@@ -45,11 +45,13 @@ def _compile(kernel, arch, pointer_types, constexprs):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
 
-def _facts(name, arch, variant, ptx):
+def _facts(name, arch, variant, extra, ptx):
     return {
         "kernel": name,
         "arch": arch,
         "variant": variant,
+        "extra": extra,  # the variant asks for sum_sq / device scalars
+        "atomics": len(re.findall(r"(?:atom|red)\.global", ptx)),
         "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "vector_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "local_memory": ".local" in ptx,
@@ -71,32 +73,41 @@ def _operands(table, param_dtype, acc):
         "max_exp_avg_sq_ptr": flat,
         "master_ptr": flat,
         "found_inf_ptr": "*fp32",
+        "sum_sq_ptr": "*fp32",
+        "scalars_ptr": "*fp64",
     }
 
 
 def variants():
-    for arch, table, dtype in itertools.product((80, 90), (True, False), ("fp32", "bf16", "fp16")):
+    """(kernel, arch, variant, extra, ptx); ``extra``: with sum_sq for accumulate, with
+    device scalars for the steps."""
+    dtypes = ("fp32", "bf16", "fp16")
+    for arch, table, dtype, extra in itertools.product((80, 90), (True, False), dtypes, (0, 1)):
+        extra = bool(extra)
         operands = _operands(table, dtype, "fp32")
         common = dict(POINTER_TABLE=table, BLOCK=1024)
+        variant = f"{dtype} table={table}"
         yield (
-            "accumulate", arch, f"{dtype} table={table}",
+            "accumulate", arch, variant, extra,
             _compile(kernels.accumulate_kernel, arch, operands,
-                     dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True)),
+                     dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True,
+                          HAS_SUM_SQ=extra)),
         )  # fmt: skip
         step = dict(common, PARAM_DTYPE=TL[dtype], GRAD_DTYPE=TL[dtype], USE_BUFFER=True,
                     HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True,
-                    HAS_MASTER=dtype == "fp16", STOCHASTIC=dtype == "bf16")  # fmt: skip
+                    HAS_MASTER=dtype == "fp16", STOCHASTIC=dtype == "bf16",
+                    HAS_DEVICE_SCALARS=extra)  # fmt: skip
         yield (
-            "sgd", arch, f"{dtype} table={table}",
+            "sgd", arch, variant, extra,
             _compile(kernels.sgd_kernel, arch, operands,
                      dict(step, HAS_MOMENTUM=True, INIT_MOMENTUM=False, NESTEROV=True)),
         )  # fmt: skip
         yield (
-            "adam", arch, f"{dtype} table={table}",
+            "adam", arch, variant, extra,
             _compile(kernels.adam_kernel, arch, operands, dict(step, DECOUPLED=True, AMSGRAD=True)),
         )  # fmt: skip
 
 
 if __name__ == "__main__":
-    for name, arch, variant, ptx in variants():
-        print(json.dumps(_facts(name, arch, variant, ptx)), flush=True)
+    for name, arch, variant, extra, ptx in variants():
+        print(json.dumps(_facts(name, arch, variant, extra, ptx)), flush=True)

@@ -49,35 +49,41 @@ struct F16 {
 };
 
 // buffer = scale * grad (OVERWRITE) or buffer + scale * grad; returns whether a
-// gradient element is not finite (CHECK).
-template <typename G, bool OVERWRITE, bool CHECK>
+// gradient element is not finite (CHECK), and adds the sum of the squares of the new
+// buffer values to *squares (SQUARES; `omp simd` lets that sum be vectorised).
+template <typename G, bool OVERWRITE, bool CHECK, bool SQUARES = false>
 bool accumulate_chunk(typename G::acc* __restrict buffer,
                       const typename G::storage* __restrict grad, int64_t n,
-                      typename G::acc scale) {
+                      typename G::acc scale, double* squares = nullptr) {
   using acc = typename G::acc;
   int nonfinite = 0;
+  acc square_sum = 0;
+#pragma omp simd reduction(| : nonfinite) reduction(+ : square_sum)
   for (int64_t i = 0; i < n; ++i) {
     const acc value = G::load(grad[i]);
     if constexpr (CHECK) nonfinite |= !(value - value == acc(0));
     acc sum = value * scale;
     if constexpr (!OVERWRITE) sum += buffer[i];
     buffer[i] = sum;
+    if constexpr (SQUARES) square_sum += sum * sum;
   }
+  if constexpr (SQUARES) *squares += double(square_sum);
   return nonfinite != 0;
 }
 
-// The applied gradient: normaliser * buffer (USE_BUFFER) + grad_scale * grad (HAS_GRADS).
+// The applied gradient: normaliser * buffer (USE_BUFFER) + grad_scale * grad (HAS_GRADS),
+// times the factor decided on the device (1 without device scalars: exact).
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 inline typename P::acc applied_gradient(const typename P::acc* __restrict buffer,
                                         const typename P::storage* __restrict grad, int64_t i,
-                                        typename P::acc normaliser,
-                                        typename P::acc grad_scale) {
+                                        typename P::acc normaliser, typename P::acc grad_scale,
+                                        typename P::acc factor) {
   if constexpr (USE_BUFFER && HAS_GRADS) {
-    return buffer[i] * normaliser + P::load(grad[i]) * grad_scale;
+    return (buffer[i] * normaliser + P::load(grad[i]) * grad_scale) * factor;
   } else if constexpr (USE_BUFFER) {
-    return buffer[i] * normaliser;
+    return (buffer[i] * normaliser) * factor;
   } else {
-    return P::load(grad[i]) * grad_scale;
+    return (P::load(grad[i]) * grad_scale) * factor;
   }
 }
 
@@ -111,7 +117,7 @@ inline void store_param(typename P::acc value, typename P::storage* __restrict p
 
 template <typename acc>
 struct SgdScalars {
-  acc normaliser, grad_scale, sign, lr, momentum, one_minus_dampening, weight_decay;
+  acc normaliser, grad_scale, factor, sign, lr, momentum, one_minus_dampening, weight_decay;
   bool init_momentum, nesterov;
   int64_t flat_begin;  // flat position of the chunk's first element
   uint32_t seed;
@@ -126,7 +132,8 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
   using acc = typename P::acc;
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
-        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
+        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser,
+                                                             s.grad_scale, s.factor);
     acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (HAS_WEIGHT_DECAY) gradient += s.weight_decay * value;
     if constexpr (HAS_MOMENTUM) {
@@ -142,8 +149,8 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
 
 template <typename acc>
 struct AdamScalars {
-  acc normaliser, grad_scale, sign, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-      decay_factor, step_size, bias_correction2_sqrt;
+  acc normaliser, grad_scale, factor, sign, one_minus_beta1, beta2, one_minus_beta2, eps,
+      weight_decay, decay_factor, step_size, bias_correction2_sqrt;
   int64_t flat_begin;  // flat position of the chunk's first element
   uint32_t seed;
 };
@@ -160,7 +167,8 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
   using acc = typename P::acc;
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
-        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser, s.grad_scale);
+        s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser,
+                                                             s.grad_scale, s.factor);
     acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (DECAY == WeightDecay::coupled) gradient += s.weight_decay * value;
     if constexpr (DECAY == WeightDecay::decoupled) value *= s.decay_factor;
@@ -185,6 +193,17 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
 // Entry points: one per op and element format, taking untyped pointers and the
 // host-side arguments, and choosing the loop instantiation for the flags. kernels.cpp
 // calls them through function pointers picked once for the CPU's instruction set.
+// Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag made a template
+// argument, so that each combination gets its own vectorised loop.
+template <typename Fn>
+inline void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 // buffer = scale * grad, a cache line at a time through stores that bypass the cache
 // (stream_line): the buffer is not read before the window's next micro-step, so this
 // saves the read of each line that a plain store costs. Needs a 64-byte aligned buffer.
@@ -207,13 +226,24 @@ bool overwrite_streaming(float* __restrict buffer, const typename G::storage* __
   return accumulate_chunk<G, true, CHECK>(buffer + i, grad + i, n - i, scale) || nonfinite != 0;
 }
 
+// `squares`: nullptr, or where to add the sum of squares of the new buffer values.
 template <typename G>
 bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, bool overwrite,
-                      bool check, bool stream) {
+                      bool check, bool stream, double* squares) {
   using acc = typename G::acc;
   auto* sums = static_cast<acc*>(buffer);
   const auto* grads = static_cast<const typename G::storage*>(grad);
   const acc factor = acc(scale);
+  if (squares != nullptr) {
+    bool nonfinite = false;
+    with_flag(overwrite, [&](auto first) {
+      with_flag(check, [&](auto checked) {
+        nonfinite = accumulate_chunk<G, decltype(first)::value, decltype(checked)::value, true>(
+            sums, grads, n, factor, squares);
+      });
+    });
+    return nonfinite;
+  }
   if constexpr (std::is_same_v<acc, float>) {
     if (overwrite && stream && reinterpret_cast<uintptr_t>(buffer) % 64 == 0) {
       return check ? overwrite_streaming<G, true>(sums, grads, n, factor)
@@ -226,17 +256,6 @@ bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, b
   }
   return check ? accumulate_chunk<G, false, true>(sums, grads, n, factor)
                : accumulate_chunk<G, false, false>(sums, grads, n, factor);
-}
-
-// Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag made a template
-// argument, so that each combination gets its own vectorised loop.
-template <typename Fn>
-inline void with_flag(bool flag, const Fn& fn) {
-  if (flag) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
 }
 
 // Stochastic rounding as a template flag, for bf16 only (the others never instantiate it).
@@ -253,10 +272,11 @@ template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum, void* master,
                int64_t flat_begin, int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
-  const SgdScalars<acc> s{acc(a.normaliser), acc(a.grad_scale), acc(a.maximize ? -1 : 1),
-                          acc(a.lr),         acc(a.momentum),   acc(1 - a.dampening),
-                          acc(a.weight_decay), a.init_momentum, a.nesterov,
-                          flat_begin,        a.rounding_seed};
+  const double* device = a.device_scalars;  // [skip, grad_factor], in host memory here
+  const SgdScalars<acc> s{acc(a.normaliser),  acc(a.grad_scale), acc(device ? device[1] : 1),
+                          acc(a.maximize ? -1 : 1), acc(a.lr),  acc(a.momentum),
+                          acc(1 - a.dampening), acc(a.weight_decay), a.init_momentum,
+                          a.nesterov,         flat_begin,        a.rounding_seed};
   auto* p = static_cast<typename P::storage*>(param);
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
@@ -280,13 +300,22 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
                 void* exp_avg_sq, void* max_exp_avg_sq, void* master, int64_t flat_begin,
                 int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
-  const AdamScalars<acc> s{acc(a.normaliser),      acc(a.grad_scale),
-                           acc(a.maximize ? -1 : 1), acc(1 - a.beta1),
-                           acc(a.beta2),           acc(1 - a.beta2),
-                           acc(a.eps),             acc(a.weight_decay),
+  // [skip, grad_factor, step_size, bias_correction2_sqrt], in host memory here
+  const double* device = a.device_scalars;
+  const AdamScalars<acc> s{acc(a.normaliser),
+                           acc(a.grad_scale),
+                           acc(device ? device[1] : 1),
+                           acc(a.maximize ? -1 : 1),
+                           acc(1 - a.beta1),
+                           acc(a.beta2),
+                           acc(1 - a.beta2),
+                           acc(a.eps),
+                           acc(a.weight_decay),
                            acc(1 - a.lr * a.weight_decay),
-                           acc(a.step_size),       acc(a.bias_correction2_sqrt),
-                           flat_begin,             a.rounding_seed};
+                           acc(device ? device[2] : a.step_size),
+                           acc(device ? device[3] : a.bias_correction2_sqrt),
+                           flat_begin,
+                           a.rounding_seed};
   auto* p = static_cast<typename P::storage*>(param);
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
@@ -338,10 +367,14 @@ void step_entry(void* param, const void* buffer, const void* grad, void* const* 
 }
 
 // Instantiated here, so that they are compiled for this file's instruction set.
-template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool, bool);
-template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool, bool);
-template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool, bool);
-template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool, bool);
+template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool, bool,
+                                      double*);
+template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool, bool,
+                                      double*);
+template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool, bool,
+                                      double*);
+template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool, bool,
+                                      double*);
 template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t,
                                 int64_t, const StepArgs&);
 template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t,

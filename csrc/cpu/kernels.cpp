@@ -83,7 +83,7 @@ InstructionSet instruction_set() {
 #endif
 }
 
-using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool, bool);
+using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool, bool, double*);
 using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t, int64_t,
                        const StepArgs&);
 
@@ -153,7 +153,8 @@ inline void* at_element(const at::Tensor& tensor, int64_t offset) {
 }
 
 void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& sum_sq) {
   TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
               " gradients for ", buffers.size(), " buffers");
   if (grads.empty()) return;
@@ -166,23 +167,41 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
                     found_inf->device().is_cpu(),
                 "fused_accum: found_inf must be a one-element float32 CPU tensor");
   }
+  if (sum_sq.has_value()) {
+    TORCH_CHECK(sum_sq->numel() == 1 && sum_sq->scalar_type() == at::kFloat &&
+                    sum_sq->device().is_cpu(),
+                "fused_accum: sum_sq must be a one-element float32 CPU tensor");
+  }
   const AccumulateFn run = accumulate_function(dtype);
   const bool check = found_inf.has_value();
   int64_t buffer_bytes = 0;
   for (const auto& buffer : buffers) buffer_bytes += buffer.numel() * buffer.element_size();
-  const bool stream = overwrite && buffer_bytes >= kStreamingBytes;
+  const bool squares = sum_sq.has_value();
+  const bool stream = overwrite && !squares && buffer_bytes >= kStreamingBytes;
+  const std::vector<Chunk> chunks = chunks_of(grads);
+  // one partial sum per chunk, added up in order afterwards: the same total every run
+  std::vector<double> chunk_squares(squares ? chunks.size() : 0, 0.0);
   std::atomic<bool> nonfinite{false};
-  for_each_chunk(chunks_of(grads), [&](const Chunk& chunk) {
+  for_each_chunk(chunks, [&](const Chunk& chunk) {
+    double* partial = squares ? &chunk_squares[size_t(&chunk - chunks.data())] : nullptr;
     if (run(at_element(buffers[chunk.tensor], chunk.begin),
-            at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check, stream)) {
+            at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check,
+            stream, partial)) {
       nonfinite.store(true, std::memory_order_relaxed);
     }
   });
   if (nonfinite.load()) found_inf->fill_(1.0);
+  if (squares) {
+    double total = 0;
+    for (const double partial : chunk_squares) total += partial;
+    sum_sq->add_(total);
+  }
 }
 
 void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
           const std::vector<at::TensorList>& states, at::TensorList masters, const StepArgs& args) {
+  // a window skipped for a non-finite gradient: write nothing
+  if (args.device_scalars != nullptr && args.device_scalars[0] != 0) return;
   const StepFn run = step_function(params[0].scalar_type());
   for_each_chunk(chunks_of(params), [&](const Chunk& chunk) {
     void* state[3] = {nullptr, nullptr, nullptr};

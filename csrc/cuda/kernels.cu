@@ -4,6 +4,9 @@
 // of up to kMaxBlocks (tensor, chunk) pairs travel in the kernel's parameter block, so
 // a call needs no device-side metadata and one launch covers many tensors; longer
 // lists take several launches. Every block runs one chunk of one tensor.
+//
+// Steps may take their skip flag, gradient factor and bias corrections from device
+// memory (StepArgs::device_scalars): each thread reads them once, with no host sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,13 +49,16 @@ static_assert(sizeof(TensorTable<2>) <= 3840 && sizeof(TensorTable<5>) <= 3840 &
                   sizeof(TensorTable<7>) <= 3840,
               "the table must leave room for the op's arguments in 4 KiB");
 
+// Every block runs `op` over its chunk: op(table, tensor, start, end), where the thread
+// takes the elements start, start + kThreads, ... below end. Per-chunk rather than
+// per-element, so that an op can read its device scalars once and reduce at the end.
 template <int DEPTH, typename Op>
 __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorTable<DEPTH> table, Op op) {
   const int tensor = table.tensor_of_block[blockIdx.x];
   const int64_t begin = int64_t(table.chunk_of_block[blockIdx.x]) * kChunk;
   const int64_t numel = table.numel[tensor];
   const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) op(table, tensor, i);
+  op(table, tensor, begin + threadIdx.x, end);
 }
 
 // Runs `op` over every element of every tensor: `operands[d][t]` is operand d of
@@ -60,6 +66,8 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(TensorTable<DEPT
 template <int DEPTH, typename Op>
 void for_each_element(const std::vector<std::vector<void*>>& operands, at::TensorList shapes,
                       const Op& op) {
+  static_assert(sizeof(TensorTable<DEPTH>) + sizeof(Op) <= 4096,
+                "the kernel's parameters must fit in 4 KiB");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TensorTable<DEPTH> table;
   int tensors = 0, blocks = 0;
@@ -101,27 +109,77 @@ __device__ __forceinline__ bool finite(A value) {
   return value - value == A(0);
 }
 
-template <typename G, typename A>
+// Adds the block's `value`s to `*total`: warp shuffles, then the warps' sums through
+// shared memory, and one atomic per block. Every thread of the block must call it.
+template <typename A>
+__device__ __forceinline__ void add_block_sum(A value, float* total) {
+  constexpr int kWarps = kThreads / 32;
+  constexpr unsigned kAll = 0xFFFFFFFFu;
+  __shared__ A warp_sums[kWarps];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kAll, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_sums[warp] = value;
+  __syncthreads();
+  if (warp != 0) return;
+  value = lane < kWarps ? warp_sums[lane] : A(0);
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kAll, value, offset);
+  if (lane == 0) atomicAdd(total, static_cast<float>(value));
+}
+
+// SUM_SQ: add the squares of the new buffer values to *sum_sq (a template flag, so that
+// calls without it do no extra work).
+template <typename G, typename A, bool SUM_SQ>
 struct Accumulate {
   A scale;
   bool overwrite;
   float* found_inf;
+  float* sum_sq;
   template <typename Table>
-  __device__ void operator()(const Table& table, int t, int64_t i) const {
+  __device__ void operator()(const Table& table, int t, int64_t start, int64_t end) const {
     auto* buffer = static_cast<A*>(table.address[0][t]);
-    const A value = static_cast<A>(static_cast<const G*>(table.address[1][t])[i]);
-    if (found_inf != nullptr && !finite(value)) *found_inf = 1.f;
-    A sum = value * scale;
-    if (!overwrite) sum += buffer[i];
-    buffer[i] = sum;
+    const auto* grad = static_cast<const G*>(table.address[1][t]);
+    A squares = 0;
+    for (int64_t i = start; i < end; i += kThreads) {
+      const A value = static_cast<A>(grad[i]);
+      if (found_inf != nullptr && !finite(value)) *found_inf = 1.f;
+      A sum = value * scale;
+      if (!overwrite) sum += buffer[i];
+      buffer[i] = sum;
+      if constexpr (SUM_SQ) squares += sum * sum;
+    }
+    if constexpr (SUM_SQ) add_block_sum(squares, sum_sq);
   }
 };
 
+// A step's scalars that may come from the device: without device scalars no skip, a
+// factor of exactly 1 (x * 1 == x, bit for bit) and the host's bias corrections.
+template <typename A>
+struct StepScalars {
+  bool skip = false;
+  A grad_factor = A(1);
+  A step_size, bias_correction2_sqrt;
+
+  __device__ explicit StepScalars(const StepArgs& a)
+      : step_size(A(a.step_size)), bias_correction2_sqrt(A(a.bias_correction2_sqrt)) {
+    const double* device = a.device_scalars;
+    if (device == nullptr) return;
+    skip = device[0] != 0;  // NaN skips too, as in the reference
+    grad_factor = A(device[1]);
+    if (a.adam) {  // SGD has two values only
+      step_size = A(device[2]);
+      bias_correction2_sqrt = A(device[3]);
+    }
+  }
+};
+
+// The gradient an update applies: the window's sum and the fresh gradient, times the
+// device's gradient factor before the sign of maximize, as in the reference.
 template <typename P, typename A>
 __device__ __forceinline__ A applied_gradient(const A* buffer, const P* grad, int64_t i,
-                                              const StepArgs& a) {
+                                              const StepArgs& a, A grad_factor) {
   A gradient = a.use_buffer ? buffer[i] * A(a.normaliser) : A(0);
   if (a.has_grads) gradient += static_cast<A>(grad[i]) * A(a.grad_scale);
+  gradient *= grad_factor;
   return a.maximize ? -gradient : gradient;
 }
 
@@ -154,23 +212,28 @@ template <typename P, typename A>
 struct Sgd {
   StepArgs a;
   template <typename Table>
-  __device__ void operator()(const Table& table, int t, int64_t i) const {
+  __device__ void operator()(const Table& table, int t, int64_t start, int64_t end) const {
+    const StepScalars<A> scalars(a);
+    if (scalars.skip) return;  // a skipped step writes nothing
     auto* param = static_cast<P*>(table.address[0][t]);
+    const auto* buffer = static_cast<const A*>(table.address[1][t]);
+    const auto* grad = static_cast<const P*>(table.address[2][t]);
+    auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
     auto* master = static_cast<A*>(table.address[4][t]);
-    A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
-                                        static_cast<const P*>(table.address[2][t]), i, a);
-    A value = load_param<P, A>(param, master, i);
-    if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
-    if (a.momentum != 0) {
-      auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
-      const A velocity = a.init_momentum
-                             ? gradient
-                             : momentum_buffer[i] * A(a.momentum) + A(1 - a.dampening) * gradient;
-      momentum_buffer[i] = velocity;
-      gradient = a.nesterov ? gradient + A(a.momentum) * velocity : velocity;
+    for (int64_t i = start; i < end; i += kThreads) {
+      A gradient = applied_gradient<P, A>(buffer, grad, i, a, scalars.grad_factor);
+      A value = load_param<P, A>(param, master, i);
+      if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
+      if (a.momentum != 0) {
+        const A velocity = a.init_momentum ? gradient
+                                           : momentum_buffer[i] * A(a.momentum) +
+                                                 A(1 - a.dampening) * gradient;
+        momentum_buffer[i] = velocity;
+        gradient = a.nesterov ? gradient + A(a.momentum) * velocity : velocity;
+      }
+      value -= A(a.lr) * gradient;
+      store_param<P, A>(value, param, master, buffer, i, a);
     }
-    value -= A(a.lr) * gradient;
-    store_param<P, A>(value, param, master, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 
@@ -178,36 +241,41 @@ template <typename P, typename A>
 struct Adam {
   StepArgs a;
   template <typename Table>
-  __device__ void operator()(const Table& table, int t, int64_t i) const {
+  __device__ void operator()(const Table& table, int t, int64_t start, int64_t end) const {
+    const StepScalars<A> scalars(a);
+    if (scalars.skip) return;  // a skipped step writes nothing
     auto* param = static_cast<P*>(table.address[0][t]);
-    auto* master = static_cast<A*>(table.address[6][t]);
-    A gradient = applied_gradient<P, A>(static_cast<const A*>(table.address[1][t]),
-                                        static_cast<const P*>(table.address[2][t]), i, a);
-    A value = load_param<P, A>(param, master, i);
-    if (a.weight_decay != 0) {
-      if (a.decoupled_weight_decay) {
-        value *= A(1 - a.lr * a.weight_decay);
-      } else {
-        gradient += A(a.weight_decay) * value;
-      }
-    }
+    const auto* buffer = static_cast<const A*>(table.address[1][t]);
+    const auto* grad = static_cast<const P*>(table.address[2][t]);
     auto* exp_avg = static_cast<A*>(table.address[3][t]);
     auto* exp_avg_sq = static_cast<A*>(table.address[4][t]);
-    A first = exp_avg[i];
-    first += A(1 - a.beta1) * (gradient - first);
-    const A second = exp_avg_sq[i] * A(a.beta2) + A(1 - a.beta2) * gradient * gradient;
-    exp_avg[i] = first;
-    exp_avg_sq[i] = second;
-    A second_moment = second;
-    if (a.amsgrad) {
-      auto* max_exp_avg_sq = static_cast<A*>(table.address[5][t]);
-      const A running_max = max_exp_avg_sq[i];
-      second_moment = (running_max < second || second != second) ? second : running_max;
-      max_exp_avg_sq[i] = second_moment;
+    auto* max_exp_avg_sq = static_cast<A*>(table.address[5][t]);
+    auto* master = static_cast<A*>(table.address[6][t]);
+    for (int64_t i = start; i < end; i += kThreads) {
+      A gradient = applied_gradient<P, A>(buffer, grad, i, a, scalars.grad_factor);
+      A value = load_param<P, A>(param, master, i);
+      if (a.weight_decay != 0) {
+        if (a.decoupled_weight_decay) {
+          value *= A(1 - a.lr * a.weight_decay);
+        } else {
+          gradient += A(a.weight_decay) * value;
+        }
+      }
+      A first = exp_avg[i];
+      first += A(1 - a.beta1) * (gradient - first);
+      const A second = exp_avg_sq[i] * A(a.beta2) + A(1 - a.beta2) * gradient * gradient;
+      exp_avg[i] = first;
+      exp_avg_sq[i] = second;
+      A second_moment = second;
+      if (a.amsgrad) {
+        const A running_max = max_exp_avg_sq[i];
+        second_moment = (running_max < second || second != second) ? second : running_max;
+        max_exp_avg_sq[i] = second_moment;
+      }
+      const A denominator = sqrt(second_moment) / scalars.bias_correction2_sqrt + A(a.eps);
+      value -= scalars.step_size * (first / denominator);
+      store_param<P, A>(value, param, master, buffer, i, a);
     }
-    const A denominator = sqrt(second_moment) / A(a.bias_correction2_sqrt) + A(a.eps);
-    value -= A(a.step_size) * (first / denominator);
-    store_param<P, A>(value, param, master, static_cast<const A*>(table.address[1][t]), i, a);
   }
 };
 
@@ -218,8 +286,19 @@ void check_device(at::TensorList tensors, const at::Device& device, const char* 
   }
 }
 
+// The address of an optional one-element float32 tensor on `device`, or nullptr.
+float* one_float(const std::optional<at::Tensor>& tensor, const at::Device& device,
+                 const char* what) {
+  if (!tensor.has_value()) return nullptr;
+  TORCH_CHECK(tensor->numel() == 1 && tensor->scalar_type() == at::kFloat &&
+                  tensor->device() == device,
+              "fused_accum: ", what, " must be a one-element float32 tensor on ", device);
+  return tensor->data_ptr<float>();
+}
+
 void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
-                const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& sum_sq) {
   TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
               " gradients for ", buffers.size(), " buffers");
   if (grads.empty()) return;
@@ -229,19 +308,20 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   check_list(grads, buffers, "grads", dtype);
   const at::Device device = buffers[0].device();
   check_device(buffers, device, "buffers");
-  float* flag = nullptr;
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
-                    found_inf->device() == device,
-                "fused_accum: found_inf must be a one-element float32 tensor on ", device);
-    flag = found_inf->data_ptr<float>();
-  }
+  float* flag = one_float(found_inf, device, "found_inf");
+  float* squares = one_float(sum_sq, device, "sum_sq");
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<std::vector<void*>> operands = {addresses(buffers, buffers.size()),
                                                     addresses(grads, grads.size())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_accum_accumulate", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    for_each_element<2>(operands, grads, Accumulate<scalar_t, A>{A(scale), overwrite, flag});
+    if (squares != nullptr) {
+      for_each_element<2>(operands, grads,
+                          Accumulate<scalar_t, A, true>{A(scale), overwrite, flag, squares});
+    } else {
+      for_each_element<2>(operands, grads,
+                          Accumulate<scalar_t, A, false>{A(scale), overwrite, flag, nullptr});
+    }
   });
 }
 

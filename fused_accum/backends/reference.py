@@ -7,6 +7,9 @@ parameters and a one-micro-step window it gives torch.optim's results exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .spec import StepBatch
@@ -15,11 +18,29 @@ from .spec import StepBatch
 def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
     buffer = batch.buffers[index]
     if batch.grads is None:
-        return buffer * batch.normaliser
-    grad = batch.grads[index].to(buffer.dtype)
-    if not batch.use_buffer:
-        return grad * batch.grad_scale
-    return (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
+        gradient = buffer * batch.normaliser
+    elif not batch.use_buffer:
+        gradient = batch.grads[index].to(buffer.dtype) * batch.grad_scale
+    else:
+        grad = batch.grads[index].to(buffer.dtype)
+        gradient = (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
+    if batch.device_scalars is not None:
+        gradient.mul_(batch.device_scalars[1].to(buffer.dtype))
+    return gradient
+
+
+@contextmanager
+def _unless_skipped(batch: StepBatch, written: list[torch.Tensor]) -> Iterator[None]:
+    """Around an update: with device scalars whose skip flag is set, put every tensor in
+    ``written`` back as it was, bit for bit, without reading the flag on the host."""
+    if batch.device_scalars is None:
+        yield
+        return
+    saved = [tensor.clone() for tensor in written]
+    yield
+    skip = batch.device_scalars[0] != 0
+    for tensor, old in zip(written, saved, strict=True):
+        tensor.copy_(torch.where(skip, old, tensor))
 
 
 def _working_copy(batch: StepBatch, index: int, dtype: torch.dtype) -> torch.Tensor:
@@ -67,6 +88,14 @@ def _store(batch: StepBatch, index: int, working: torch.Tensor) -> None:
         param.copy_(working)
 
 
+def _written(batch: StepBatch, *states: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Every tensor a step on ``batch`` writes."""
+    written = list(batch.params) + list(batch.masters or [])
+    for state in states:
+        written += state or []
+    return written
+
+
 class ReferenceBackend:
     """Plain PyTorch; any device and dtype."""
 
@@ -80,6 +109,7 @@ class ReferenceBackend:
         scale: float,
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
+        sum_sq: torch.Tensor | None = None,
     ) -> None:
         for buffer, grad in zip(buffers, grads, strict=True):
             grad = grad.to(buffer.dtype)
@@ -90,6 +120,8 @@ class ReferenceBackend:
                 torch.mul(grad, scale, out=buffer)
             else:
                 buffer.add_(grad, alpha=scale)
+            if sum_sq is not None:
+                sum_sq.add_(buffer.double().square().sum().to(sum_sq.dtype))
 
     def sgd_step(
         self,
@@ -104,25 +136,27 @@ class ReferenceBackend:
         maximize: bool,
         init_momentum: bool,
     ) -> None:
-        for i in range(len(batch.params)):
-            grad = _applied_gradient(batch, i)
-            if maximize:
-                grad = grad.neg_()
-            working = _working_copy(batch, i, grad.dtype)
-            if weight_decay != 0:
-                grad = grad.add(working, alpha=weight_decay)
-            if momentum != 0:
-                momentum_buffer = momentum_buffers[i]
-                if init_momentum:
-                    momentum_buffer.copy_(grad)
-                else:
-                    momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-                if nesterov:
-                    grad = grad.add(momentum_buffer, alpha=momentum)
-                else:
-                    grad = momentum_buffer
-            working.add_(grad, alpha=-lr)
-            _store(batch, i, working)
+        written = _written(batch, momentum_buffers if momentum != 0 else None)
+        with _unless_skipped(batch, written):
+            for i in range(len(batch.params)):
+                grad = _applied_gradient(batch, i)
+                if maximize:
+                    grad = grad.neg_()
+                working = _working_copy(batch, i, grad.dtype)
+                if weight_decay != 0:
+                    grad = grad.add(working, alpha=weight_decay)
+                if momentum != 0:
+                    momentum_buffer = momentum_buffers[i]
+                    if init_momentum:
+                        momentum_buffer.copy_(grad)
+                    else:
+                        momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    if nesterov:
+                        grad = grad.add(momentum_buffer, alpha=momentum)
+                    else:
+                        grad = momentum_buffer
+                working.add_(grad, alpha=-lr)
+                _store(batch, i, working)
 
     def adam_step(
         self,
@@ -141,27 +175,36 @@ class ReferenceBackend:
         amsgrad: bool,
         maximize: bool,
     ) -> None:
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        step_size = lr / bias_correction1
-        for i in range(len(batch.params)):
-            grad = _applied_gradient(batch, i)
-            if maximize:
-                grad = grad.neg_()
-            working = _working_copy(batch, i, grad.dtype)
-            if weight_decay != 0:
-                if decoupled_weight_decay:
-                    working.mul_(1 - lr * weight_decay)
+        if batch.device_scalars is None:
+            step_size = lr / (1 - beta1**step)
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        else:
+            dtype = batch.buffers[0].dtype
+            step_size = batch.device_scalars[2].to(dtype)
+            bias_correction2_sqrt = batch.device_scalars[3].to(dtype)
+        written = _written(batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None)
+        with _unless_skipped(batch, written):
+            for i in range(len(batch.params)):
+                grad = _applied_gradient(batch, i)
+                if maximize:
+                    grad = grad.neg_()
+                working = _working_copy(batch, i, grad.dtype)
+                if weight_decay != 0:
+                    if decoupled_weight_decay:
+                        working.mul_(1 - lr * weight_decay)
+                    else:
+                        grad = grad.add(working, alpha=weight_decay)
+                exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if amsgrad:
+                    second_moment = max_exp_avg_sqs[i]
+                    torch.maximum(second_moment, exp_avg_sq, out=second_moment)
                 else:
-                    grad = grad.add(working, alpha=weight_decay)
-            exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            if amsgrad:
-                second_moment = max_exp_avg_sqs[i]
-                torch.maximum(second_moment, exp_avg_sq, out=second_moment)
-            else:
-                second_moment = exp_avg_sq
-            denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-            working.addcdiv_(exp_avg, denom, value=-step_size)
-            _store(batch, i, working)
+                    second_moment = exp_avg_sq
+                denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+                if isinstance(step_size, torch.Tensor):  # addcdiv_ takes a number only
+                    working.sub_(exp_avg.div(denom).mul_(step_size))
+                else:
+                    working.addcdiv_(exp_avg, denom, value=-step_size)
+                _store(batch, i, working)

@@ -4,11 +4,14 @@ All arithmetic is done in the accumulation dtype of the buffers (fp32, or fp64 f
 parameters); gradients and parameters are read in their own dtype and converted on
 load, parameters are rounded once on store.
 
-``accumulate(buffers, grads, scale, overwrite, found_inf)``
+``accumulate(buffers, grads, scale, overwrite, found_inf, sum_sq)``
     ``buffer = buffer + scale * grad`` for each pair, or ``buffer = scale * grad`` when
     ``overwrite`` (the first contribution of a window: the buffer is not read). When
     ``found_inf`` (a one-element fp32 tensor on the buffers' device) is given, it is set
-    to 1 if any gradient element is not finite, and left alone otherwise.
+    to 1 if any gradient element is not finite, and left alone otherwise. When
+    ``sum_sq`` (a one-element fp32 tensor on the buffers' device) is given, the sum of
+    the squares of the buffers' new values is added to it (in fp32 or wider, in any
+    order): the global gradient norm for clipping comes out of this pass.
 
 ``sgd_step(batch, momentum_buffers, ...)`` and ``adam_step(batch, ...)``
     Apply one update to each parameter of ``batch`` from its applied gradient
@@ -20,6 +23,10 @@ load, parameters are rounded once on store.
     batch with ``grads`` is the accumulate-and-step of the window's last micro-step:
     the fresh gradients are added and applied without the window's sum ever being
     written to the buffer.
+
+    With ``batch.device_scalars`` (see there) the update reads its skip flag, gradient
+    factor and, for Adam, bias corrections from device memory, so that no host
+    synchronisation is needed to decide them.
 
     The buffers are left as they are: after an update their contents are dead, and
     the first contribution of the next window overwrites them (``overwrite=True``), so
@@ -58,6 +65,16 @@ class StepBatch:
     element at flat position i (its buffer's place in the flat storage) adds the low 16
     bits of ``stochastic_noise(i, rounding_seed)`` to its fp32 bits before truncating
     to bf16, so every backend rounds alike. A seed in [0, 2**31)."""
+    device_scalars: torch.Tensor | None = None
+    """None, or a contiguous float64 tensor on the parameters' device: ``[skip,
+    grad_factor]`` for SGD, ``[skip, grad_factor, step_size, bias_correction2_sqrt]``
+    for Adam. If ``skip != 0`` the step writes nothing at all (a window skipped for a
+    non-finite gradient). Otherwise the applied gradient above is multiplied by
+    ``grad_factor`` (converted to the accumulation dtype; the clipping coefficient
+    times the inverse loss scale), after it is formed and before anything else, and
+    Adam uses ``step_size`` (``lr / (1 - beta1**step)``) and ``bias_correction2_sqrt``
+    (``(1 - beta2**step) ** 0.5``) from here instead of computing them from ``step``.
+    Without it: no skip, a factor of 1, bias corrections from ``step``."""
 
 
 def stochastic_noise_reference(index: int, seed: int) -> int:
@@ -86,6 +103,7 @@ class Backend(Protocol):
         scale: float,
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
+        sum_sq: torch.Tensor | None = None,
     ) -> None: ...
 
     def sgd_step(

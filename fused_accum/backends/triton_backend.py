@@ -5,7 +5,11 @@ covers every block of every tensor through block tables built once per tensor la
 On a GPU, gradients and parameters are reached through int64 address tables; under
 the Triton interpreter (CPU tensors, tests) addresses cannot be loaded from memory, so
 the operands are staged into one flat copy laid out like the buffers, and the
-parameters are copied back after the launch.
+parameters are copied back after the launch (a skipped step leaves the staged copy
+unchanged, so the copy-back leaves the parameters bit for bit as they were).
+
+Nothing here reads a device tensor on the host: ``found_inf``, ``sum_sq`` and
+``StepBatch.device_scalars`` go to the kernels as pointers, so no call synchronises.
 """
 
 from __future__ import annotations
@@ -159,6 +163,17 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+def _bias_corrections(
+    batch: StepBatch, *, step: int, lr: float, beta1: float, beta2: float
+) -> tuple[float, float]:
+    """Adam's step size and sqrt of the second bias correction from ``step``; with
+    device scalars the kernel reads both from there instead (and ``step`` need not
+    be meaningful), so the arguments are placeholders."""
+    if batch.device_scalars is not None:
+        return 0.0, 1.0
+    return float(lr / (1 - beta1**step)), float((1 - beta2**step) ** 0.5)
+
+
 class TritonBackend:
     """Fused Triton kernels: one launch per call."""
 
@@ -218,6 +233,7 @@ class TritonBackend:
         scale: float,
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
+        sum_sq: torch.Tensor | None = None,
     ) -> None:
         if not buffers:
             return
@@ -231,12 +247,14 @@ class TritonBackend:
             grad_operand.base,
             grad_operand.offsets,
             base if found_inf is None else found_inf,
+            base if sum_sq is None else sum_sq,
             *layout.args(),
             float(scale),
             GRAD_DTYPE=_tl_dtype(grads[0].dtype),
             POINTER_TABLE=grad_operand.pointer_table,
             OVERWRITE=overwrite,
             CHECK_FINITE=found_inf is not None,
+            HAS_SUM_SQ=sum_sq is not None,
         )
 
     def _step_operands(self, batch: StepBatch):
@@ -255,11 +273,17 @@ class TritonBackend:
             HAS_GRADS=batch.grads is not None,
             HAS_MASTER=batch.masters is not None,
             STOCHASTIC=batch.rounding_seed is not None,
+            HAS_DEVICE_SCALARS=batch.device_scalars is not None,
         )
 
     def _master_base(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
         """The flat tensor of the masters, or (unused) the buffer."""
         return base if batch.masters is None else _flat_base(batch.masters, batch.buffers)
+
+    def _scalars(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
+        """The float64 device scalars, or (unused) the buffer. Passed as a pointer: the
+        kernels read them, the host never does."""
+        return base if batch.device_scalars is None else batch.device_scalars
 
     def sgd_step(
         self,
@@ -290,6 +314,7 @@ class TritonBackend:
             grads.offsets,
             momentum_base,
             self._master_base(batch, base),
+            self._scalars(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),
@@ -340,6 +365,7 @@ class TritonBackend:
             _flat_base(exp_avg_sqs, batch.buffers),
             exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
             self._master_base(batch, base),
+            self._scalars(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),
@@ -349,8 +375,7 @@ class TritonBackend:
             float(eps),
             float(weight_decay),
             float(1 - lr * weight_decay),
-            float(lr / (1 - beta1**step)),
-            float((1 - beta2**step) ** 0.5),
+            *_bias_corrections(batch, step=step, lr=lr, beta1=beta1, beta2=beta2),
             batch.rounding_seed or 0,
             **self._common_constexprs(batch, params, grads),
             HAS_WEIGHT_DECAY=weight_decay != 0,

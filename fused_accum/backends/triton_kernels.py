@@ -17,6 +17,12 @@ hints its loads and stores are vectorised; only a tensor's last block is masked.
 Arithmetic is in fp32 (fp64 parameters go to other backends: Triton passes Python
 floats as fp32), every offset is int64 (tensors past 2**31 elements work),
 hyperparameters are runtime arguments.
+
+Scalars decided on the device (spec.StepBatch.device_scalars, float64) are loaded
+through a pointer, under ``HAS_DEVICE_SCALARS``: a set skip flag masks off every load
+and store of the program, so a skipped step writes nothing and the host never reads
+the flag. Without the flag (and without ``HAS_SUM_SQ`` for accumulate) the kernels
+load nothing more than before.
 """
 
 from __future__ import annotations
@@ -78,6 +84,24 @@ def _load(pointer, mask):
         return tl.load(pointer, mask=mask, other=0.0)
 
 
+@triton.jit
+def _device_scalar(scalars_ptr, index):
+    """Entry ``index`` of the float64 device scalars, in fp32 (the accumulation dtype)."""
+    return tl.load(scalars_ptr + index).to(tl.float32)
+
+
+@triton.jit
+def _unless_skipped(mask, scalars_ptr):
+    """``mask`` (None: the whole block) narrowed to nothing when the skip flag, entry 0
+    of the device scalars, is set. The flag is one scalar for the program, so the
+    accesses of a whole block stay vectorised."""
+    keep = tl.load(scalars_ptr) == 0
+    if mask is None:
+        return keep
+    else:
+        return tl.where(keep, mask, False)  # not `mask & keep`: the interpreter rejects it
+
+
 # --------------------------------------------------------------------------- math
 
 
@@ -126,13 +150,16 @@ def _applied_gradient(
     mask,
     normaliser,
     grad_scale,
+    scalars_ptr,
     GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
+    HAS_DEVICE_SCALARS: tl.constexpr,
 ):
-    """normaliser * buffer (if USE_BUFFER) + grad_scale * grad (if HAS_GRADS); the
-    host never asks for neither."""
+    """normaliser * buffer (if USE_BUFFER) + grad_scale * grad (if HAS_GRADS), times
+    the device's grad_factor (if HAS_DEVICE_SCALARS); the host never asks for
+    neither term."""
     if HAS_GRADS:
         address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
         grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
@@ -142,6 +169,8 @@ def _applied_gradient(
             gradient += grad * grad_scale
     else:
         gradient = grad * grad_scale
+    if HAS_DEVICE_SCALARS:
+        gradient *= _device_scalar(scalars_ptr, 1)
     return gradient
 
 
@@ -150,9 +179,9 @@ def _applied_gradient(
 
 @triton.jit
 def _accumulate_block(
-    buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, mask, scale,
-    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, OVERWRITE: tl.constexpr,
-    CHECK_FINITE: tl.constexpr,
+    buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat, mask,
+    scale, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, OVERWRITE: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
 ):  # fmt: skip
     address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
     grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
@@ -164,6 +193,10 @@ def _accumulate_block(
     if not OVERWRITE:
         contribution += _load(buffer_ptr + flat, mask)
     tl.store(buffer_ptr + flat, contribution, mask=mask)
+    if HAS_SUM_SQ:
+        # masked-off elements loaded as 0 and add nothing; one atomic per program
+        block_sum_sq = tl.sum(contribution * contribution, axis=0)
+        tl.atomic_add(sum_sq_ptr, block_sum_sq, sem="relaxed")
 
 
 @triton.jit
@@ -172,6 +205,7 @@ def accumulate_kernel(
     grads,  # gradients: address table or base tensor
     grad_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
+    sum_sq_ptr,  # one fp32 total, the squares of the new buffer values added to it
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -181,6 +215,7 @@ def accumulate_kernel(
     POINTER_TABLE: tl.constexpr,  # grads is an address table
     OVERWRITE: tl.constexpr,  # first contribution of the window: do not read the buffer
     CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
+    HAS_SUM_SQ: tl.constexpr,  # add to sum_sq
     BLOCK: tl.constexpr,  # elements per program
 ):
     tensor, local, flat, numel, whole = _block(
@@ -188,28 +223,32 @@ def accumulate_kernel(
     )
     if whole:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, None, scale,
-            GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat,
+            None, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE, HAS_SUM_SQ,
         )  # fmt: skip
     else:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, tensor, local, flat, local < numel,
-            scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat,
+            local < numel, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+            HAS_SUM_SQ,
         )  # fmt: skip
 
 
 @triton.jit
 def _sgd_block(
-    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr, tensor,
-    local, flat, mask, normaliser, grad_scale, lr, momentum, one_minus_dampening, weight_decay,
-    seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
-    USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+    scalars_ptr, tensor, local, flat, mask, normaliser, grad_scale, lr, momentum,
+    one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr,
 ):  # fmt: skip
+    if HAS_DEVICE_SCALARS:
+        mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
-        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        scalars_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_DEVICE_SCALARS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
@@ -246,6 +285,7 @@ def sgd_kernel(
     grad_offsets,  # int64 [tensors]
     momentum_ptr,  # flat momentum buffers
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
+    scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -269,6 +309,7 @@ def sgd_kernel(
     MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
+    HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -277,34 +318,39 @@ def sgd_kernel(
     if whole:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            tensor, local, flat, None, normaliser, grad_scale, lr, momentum, one_minus_dampening,
-            weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
-            HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV, MAXIMIZE, HAS_MASTER,
-            STOCHASTIC,
+            scalars_ptr, tensor, local, flat, None, normaliser, grad_scale, lr, momentum,
+            one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV,
+            MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
         )  # fmt: skip
     else:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            tensor, local, flat, local < numel, normaliser, grad_scale, lr, momentum,
-            one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
-            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV,
-            MAXIMIZE, HAS_MASTER, STOCHASTIC,
+            scalars_ptr, tensor, local, flat, local < numel, normaliser, grad_scale, lr,
+            momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
+            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
+            NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
         )  # fmt: skip
 
 
 @triton.jit
 def _adam_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-    max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, mask, normaliser, grad_scale,
-    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-    bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-    POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr, HAS_GRADS: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, mask, normaliser,
+    grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+    step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr,
 ):  # fmt: skip
+    if HAS_DEVICE_SCALARS:
+        mask = _unless_skipped(mask, scalars_ptr)
+        step_size = _device_scalar(scalars_ptr, 2)
+        bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
-        GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        scalars_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_DEVICE_SCALARS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
@@ -347,6 +393,7 @@ def adam_kernel(
     exp_avg_sq_ptr,  # flat second moments
     max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
+    scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -359,8 +406,8 @@ def adam_kernel(
     eps,  # added to the denominator
     weight_decay,  # L2 penalty (coupled Adam)
     decay_factor,  # 1 - lr * weight_decay (decoupled AdamW)
-    step_size,  # lr / (1 - beta1**step)
-    bias_correction2_sqrt,  # sqrt(1 - beta2**step)
+    step_size,  # lr / (1 - beta1**step); entry 2 of the device scalars replaces it
+    bias_correction2_sqrt,  # sqrt(1 - beta2**step); entry 3 of the device scalars replaces it
     seed,  # this update's seed of stochastic rounding
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
@@ -373,6 +420,7 @@ def adam_kernel(
     MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
+    HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -381,17 +429,18 @@ def adam_kernel(
     if whole:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, None, normaliser, grad_scale,
-            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size,
-            bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER,
-            HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, None, normaliser,
+            grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+            step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
+            STOCHASTIC, HAS_DEVICE_SCALARS,
         )  # fmt: skip
     else:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, tensor, local, flat, local < numel, normaliser,
-            grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-            step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
-            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
-            STOCHASTIC,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, local < numel,
+            normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
+            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD,
+            MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
         )  # fmt: skip
