@@ -5,6 +5,7 @@ Swap ``torch.optim.SGD``/``Adam``/``AdamW`` for ``FusedAccumSGD``/``FusedAccumAd
 optimizer, applied once per window of ``accumulation_steps`` micro-steps.
 """
 
+from ._loss_scaling import LossScaling
 from .adam import FusedAccumAdam, FusedAccumAdamW
 from .backends import BACKEND_NAMES
 from .sgd import FusedAccumSGD
@@ -16,5 +17,6 @@ __all__ = [
     "FusedAccumAdam",
     "FusedAccumAdamW",
     "FusedAccumSGD",
+    "LossScaling",
     "__version__",
 ]

@@ -67,9 +67,17 @@ class AccumulationState:
         group, index = self.slots[id(param)]
         return group.state_view(name, index)
 
-    def fold(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+    def fold(
+        self,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        weight: float,
+        found_inf: torch.Tensor | None = None,
+        sum_sq: dict[torch.device, torch.Tensor] | None = None,
+    ) -> None:
         """Add ``weight * grad`` into the buffer of each (param, grad) pair: one backend
-        call per (group, first contribution or not)."""
+        call per (group, first contribution or not). ``found_inf`` (one device's flag)
+        is raised by a non-finite gradient; ``sum_sq`` (per device) receives the sums of
+        squares of the new buffer values."""
         calls: dict[tuple, tuple[list, list]] = {}
         holds_sum, slots = self.holds_sum, self.slots
         for param, grad in pairs:
@@ -83,7 +91,12 @@ class AccumulationState:
             holds_sum.add(id(param))
         for (group, first), (buffers, grads) in calls.items():
             self.backends[(group.device, group.param_dtype)].accumulate(
-                buffers, grads, scale=weight, overwrite=first
+                buffers,
+                grads,
+                scale=weight,
+                overwrite=first,
+                found_inf=found_inf,
+                sum_sq=None if sum_sq is None else sum_sq[group.device],
             )
 
     def end_window(self) -> None:

@@ -42,3 +42,14 @@ def check_weight(weight: Any) -> float:
 def param_tensors(params: Iterable[Any]) -> list[torch.Tensor]:
     """The tensors of a params list that may hold (name, tensor) pairs."""
     return [item[1] if isinstance(item, tuple) else item for item in params]
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm``: None (no clipping) or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"max_grad_norm must be a number or None, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"max_grad_norm must be positive and finite, got {value}")
+    return float(value)

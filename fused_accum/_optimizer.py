@@ -17,7 +17,8 @@ import torch
 from torch.optim import Optimizer
 
 from ._accumulation import AccumulationState
-from ._checks import check_accumulation_steps, check_weight, param_tensors
+from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
+from ._loss_scaling import DeviceLossScale, loss_scaling_settings
 from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
 
@@ -39,6 +40,17 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             seed drawn from torch's generator at construction and saved in the state
             dict. The alternative to ``master_weights``; fp16 parameters still round to
             nearest.
+        max_grad_norm: clip the window's mean gradient to this global L2 norm before
+            the update, as ``torch.nn.utils.clip_grad_norm_`` on it would; the norm
+            (before clipping) is then :attr:`grad_norm`, a device tensor. The squares
+            are summed by the last micro-step's accumulate pass and the clipping
+            factor applied by the step, so no host synchronisation is needed.
+        loss_scaling: built-in dynamic loss scaling for fp16 training, without a
+            GradScaler and without host synchronisation: ``True`` (GradScaler's
+            defaults) or a :class:`LossScaling`. Call ``optimizer.scale_loss(loss)
+            .backward()``; a non-finite gradient in any micro-batch skips the whole
+            window on the device, and the scale backs off or grows there. All
+            parameters must be on one device.
 """
 
 
@@ -57,8 +69,14 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         accumulate_in_backward: bool,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        loss_scaling: Any = False,
     ) -> None:
         check_backend_name(backend)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self._loss_scaling = loss_scaling_settings(loss_scaling)
+        self._loss_scale: DeviceLossScale | None = None
+        self._grad_norm: torch.Tensor | None = None
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{type(self).__name__} does not support differentiable=True; use the "
@@ -85,6 +103,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._pending_weight = 1.0
         self._folded_since_step = False
         super().__init__(params, defaults)
+        if self._loss_scaling is not None:
+            devices = {device for device, _ in self._accumulation.groups}
+            self._loss_scale = DeviceLossScale(self._loss_scaling, devices.pop())
 
     # ----------------------------------------------------------------- parameters
 
@@ -99,6 +120,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             param_group["params"] = params = list(params)
         if isinstance(params, list):
             self._check_new_params(param_tensors(params), len(self.param_groups))
+            self._check_one_device(param_tensors(params))
         super().add_param_group(param_group)
         new_params = self.param_groups[-1]["params"]
         for flat_group in self._accumulation.add_params(new_params):
@@ -131,6 +153,20 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
                     f"are supported"
                 )
+
+    def _check_one_device(self, params: list[torch.Tensor]) -> None:
+        """With loss scaling, every parameter must live on one device: the window's
+        overflow flag and the scale are one device's tensors."""
+        if self._loss_scaling is None:
+            return
+        devices = {device for device, _ in self._accumulation.groups}
+        devices |= {p.device for p in params if isinstance(p, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(
+                f"loss_scaling needs all parameters on one device, got "
+                f"{sorted(str(d) for d in devices)}; use torch.amp.GradScaler for a model "
+                f"spread over devices"
+            )
 
     def _all_params(self) -> list[torch.Tensor]:
         return list(chain.from_iterable(group["params"] for group in self.param_groups))
@@ -213,7 +249,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             if optimizer is None or param.grad is None:
                 return
             optimizer._check_grad(param, param.grad)
-            optimizer._accumulation.fold([(param, param.grad)], optimizer._pending_weight)
+            optimizer._accumulation.fold(
+                [(param, param.grad)], optimizer._pending_weight, optimizer._found_inf()
+            )
             optimizer._folded_since_step = True
             param.grad = None
 
@@ -251,6 +289,33 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     def last_step_applied(self) -> bool:
         """Whether the last step() or flush() ended a window and applied an update."""
         return self._accumulation.last_step_applied
+
+    @property
+    def loss_scale(self) -> torch.Tensor | None:
+        """With ``loss_scaling``: the current loss scale, a one-element fp32 tensor on
+        the parameters' device (read it only when you need it: ``.item()`` waits for
+        the device). None without."""
+        return None if self._loss_scale is None else self._loss_scale.scale
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """With ``max_grad_norm``: the global L2 norm of the last window's mean gradient
+        before clipping, as ``clip_grad_norm_`` returns it (a device tensor; not finite
+        for a skipped window). None before the first update or without clipping."""
+        return self._grad_norm
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current loss scale, to call backward on (with
+        ``loss_scaling``). The gradients are unscaled inside the update."""
+        if self._loss_scale is None:
+            raise RuntimeError(
+                "scale_loss() needs loss_scaling=True (or a LossScaling) when the "
+                "optimizer is created"
+            )
+        return loss * self._loss_scale.scale.reshape(()).to(loss.device)
+
+    def _found_inf(self) -> torch.Tensor | None:
+        return None if self._loss_scale is None else self._loss_scale.found_inf
 
     @property
     def update_count(self) -> int:
@@ -298,7 +363,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         factor = weight * inverse_loss_scale
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         if not boundary:
-            accumulation.fold(pairs, factor)
+            accumulation.fold(pairs, factor, self._found_inf())
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
@@ -319,6 +384,11 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         unless step() is called by a GradScaler. Reads two scalars on the host."""
         if not hasattr(self, "found_inf"):
             return 1.0, False
+        if self._loss_scale is not None:
+            raise RuntimeError(
+                "this optimizer scales the loss itself (loss_scaling); a "
+                "torch.amp.GradScaler on top would scale twice: use one or the other"
+            )
         if self.accumulate_in_backward:
             raise RuntimeError(
                 "torch.amp.GradScaler cannot be used with accumulate_in_backward=True: the "
@@ -350,6 +420,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """Drop everything accumulated since the last update (buffers, micro-step count
         and weight) without applying it. zero_grad() never does this."""
         self._accumulation.end_window()
+        if self._loss_scale is not None:
+            self._loss_scale.found_inf.zero_()
         self._pending_weight = 1.0
         self._folded_since_step = False
 
@@ -360,6 +432,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight."""
         accumulation = self._accumulation
         total_weight = accumulation.window_weight
+        window_scalars = None
+        if self.max_grad_norm is not None or self._loss_scale is not None:
+            window_scalars = self._decide_on_device(fresh, fresh_factor, total_weight)
+            fresh = []
         fresh_grads = {id(param): grad for param, grad in fresh}
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
@@ -391,9 +467,47 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                     batch.grads.append(grad)
             for (device, dtype, *_, state_key), batch in batches.items():
                 backend = accumulation.backends[(device, dtype)]
-                self._step_batch(group, backend, batch, state_key)
+                scalars = None if window_scalars is None else window_scalars[device]
+                self._step_batch(group, backend, batch, state_key, scalars)
         accumulation.end_window()
         accumulation.update_count += 1
+        if self._loss_scale is not None:
+            self._loss_scale.end_window()
+
+    def _decide_on_device(
+        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float, weight: float
+    ) -> dict[torch.device, torch.Tensor]:
+        """Fold the last micro-step's gradients like the others' (checking them for
+        non-finite values, summing the squares of the window's sums on the way), then
+        decide on the device whether the window is skipped and the factor on its mean
+        gradient (clipping coefficient over loss scale): ``[skip, factor]`` as float64,
+        per device. Nothing is read on the host."""
+        accumulation = self._accumulation
+        devices = list(dict.fromkeys(device for device, _ in accumulation.groups))
+        sum_sq = None
+        if self.max_grad_norm is not None:
+            sum_sq = {device: torch.zeros(1, device=device) for device in devices}
+            fresh_ids = {id(param) for param, _ in fresh}
+            for param in self._all_params():  # sums this last fold will not touch
+                if id(param) in accumulation.holds_sum and id(param) not in fresh_ids:
+                    buffer = accumulation.buffer_view(param)
+                    sum_sq[param.device].add_(buffer.double().square().sum().float())
+        accumulation.fold(fresh, fresh_factor, self._found_inf(), sum_sq)
+        home = devices[0]
+        skip = torch.zeros((), device=home)
+        factor = torch.ones((), device=home)
+        if self._loss_scale is not None:
+            skip = self._loss_scale.found_inf.reshape(()).clone()
+            factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
+        if sum_sq is not None:
+            total = torch.stack([sum_sq[device].to(home) for device in devices]).sum()
+            # the buffers hold sum(w * g) times the loss scale; the mean is that / weight
+            norm = total.sqrt() / weight * factor
+            coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            factor = coefficient * factor
+            self._grad_norm = norm
+        scalars = torch.stack([skip, factor]).double()
+        return {device: scalars.to(device) for device in devices}
 
     # ------------------------------------------------------- what subclasses define
 
@@ -403,8 +517,16 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         raise NotImplementedError
 
     def _step_batch(
-        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+        self,
+        group: dict[str, Any],
+        backend: Backend,
+        batch: StepBatch,
+        state_key: Hashable,
+        window_scalars: torch.Tensor | None,
     ) -> None:
+        """Run one update on ``batch``; ``window_scalars`` is None, or ``[skip,
+        factor]`` decided on the device (float64, on the batch's device), which the
+        update must honour (see spec.StepBatch.device_scalars)."""
         raise NotImplementedError
 
     def _update_rounding_seed(self, param: torch.Tensor) -> int | None:

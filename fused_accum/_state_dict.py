@@ -18,6 +18,7 @@ class StateDictMixin:
     _accumulation: AccumulationState
     _flat_state_names: tuple[str, ...]
     _rounding_seed: int
+    _loss_scale: Any
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
@@ -39,6 +40,8 @@ class StateDictMixin:
                 if id(param) in accumulation.holds_sum
             },
         }
+        if self._loss_scale is not None:
+            state_dict["accumulation"]["loss_scale"] = self._loss_scale.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -75,6 +78,8 @@ class StateDictMixin:
         accumulation.last_step_applied = bool(window.get("last_step_applied", False))
         accumulation.overflowed = bool(window.get("overflowed", False))
         self._rounding_seed = int(window.get("rounding_seed", self._rounding_seed))
+        if self._loss_scale is not None and "loss_scale" in window:
+            self._loss_scale.load_state_dict(window["loss_scale"])
 
     def _check_state_dict(
         self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict

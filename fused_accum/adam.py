@@ -101,8 +101,11 @@ class FusedAccumAdam(FusedAccumOptimizer):
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        loss_scaling: Any = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
+        self._step_history: dict[int, Hashable] = {}
         if capturable:
             raise ValueError(
                 f"{type(self).__name__} does not support capturable=True yet; its steps "
@@ -129,6 +132,8 @@ class FusedAccumAdam(FusedAccumOptimizer):
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
             stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
+            loss_scaling=loss_scaling,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -148,32 +153,79 @@ class FusedAccumAdam(FusedAccumOptimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = self._new_state_view(param, "exp_avg")
             state["exp_avg_sq"] = self._new_state_view(param, "exp_avg_sq")
+            self._step_history[id(param)] = ("new",)
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
             state["max_exp_avg_sq"] = self._new_state_view(param, "max_exp_avg_sq")
-        return int(state["step"].item())
+        if self._loss_scale is None:
+            return int(state["step"].item())
+        return self._device_step_key(param, state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._step_history.clear()  # the loaded step counts are read at the next update
+
+    def _device_step_key(self, param: torch.Tensor, state: dict[str, Any]) -> Hashable:
+        """With loss scaling a window may be skipped on the device, so the step count
+        lives there (as torch's capturable Adam keeps it) and the host cannot batch
+        parameters by its value. It batches them by their update history instead:
+        parameters that took part in the same windows have the same device step."""
+        key = self._step_history.get(id(param))
+        if key is None:  # loaded state: read the count once
+            key = self._step_history[id(param)] = ("loaded", int(state["step"].item()))
+        if state["step"].device != param.device:
+            state["step"] = state["step"].to(param.device)
+        return key
 
     def _step_batch(
-        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+        self,
+        group: dict[str, Any],
+        backend: Backend,
+        batch: StepBatch,
+        state_key: Hashable,
+        window_scalars: torch.Tensor | None,
     ) -> None:
         states = [self.state[p] for p in batch.params]
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+        lr = float(group["lr"])
+        device_steps = window_scalars is not None and self._loss_scale is not None
+        if device_steps:
+            # bias corrections of the device's step count, in float64 as the host's
+            step = 1  # unused by the kernels
+            applied = 1 - window_scalars[0]
+            count = states[0]["step"].double() + applied
+            corrections = torch.stack([lr / (1 - beta1**count), (1 - beta2**count).sqrt()])
+            batch.device_scalars = torch.cat([window_scalars, corrections])
+        else:
+            step = state_key + 1
+            if window_scalars is not None:
+                corrections = torch.tensor(
+                    [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5], dtype=torch.float64
+                )
+                batch.device_scalars = torch.cat(
+                    [window_scalars, corrections.to(window_scalars.device)]
+                )
         backend.adam_step(
             batch,
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
-            step=state_key + 1,
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
+            step=step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
         )
-        for state in states:
-            state["step"] += 1
+        if device_steps:
+            torch._foreach_add_([state["step"] for state in states], applied.float())
+            for param in batch.params:
+                self._step_history[id(param)] = hash((state_key, self.update_count))
+        else:
+            for state in states:
+                state["step"] += 1
 
 
 class FusedAccumAdamW(FusedAccumAdam):
@@ -205,6 +257,8 @@ class FusedAccumAdamW(FusedAccumAdam):
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        loss_scaling: Any = False,
     ) -> None:
         super().__init__(
             params,
@@ -224,4 +278,6 @@ class FusedAccumAdamW(FusedAccumAdam):
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
             stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
+            loss_scaling=loss_scaling,
         )

@@ -82,6 +82,8 @@ class FusedAccumSGD(FusedAccumOptimizer):
         accumulate_in_backward: bool = False,
         master_weights: bool = False,
         stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
+        loss_scaling: Any = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -112,6 +114,8 @@ class FusedAccumSGD(FusedAccumOptimizer):
             accumulate_in_backward=accumulate_in_backward,
             master_weights=master_weights,
             stochastic_rounding=stochastic_rounding,
+            max_grad_norm=max_grad_norm,
+            loss_scaling=loss_scaling,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -133,9 +137,24 @@ class FusedAccumSGD(FusedAccumOptimizer):
         return True
 
     def _step_batch(
-        self, group: dict[str, Any], backend: Backend, batch: StepBatch, state_key: Hashable
+        self,
+        group: dict[str, Any],
+        backend: Backend,
+        batch: StepBatch,
+        state_key: Hashable,
+        window_scalars: torch.Tensor | None,
     ) -> None:
         momentum = group["momentum"]
+        init_momentum = bool(state_key)
+        batch.device_scalars = window_scalars
+        # A first update that is skipped must leave the momentum to be initialised by
+        # the next one; with dampening that is another formula, so here (the first
+        # update of SGD with dampening and loss scaling, only) the flag is read on the host.
+        first_may_skip = init_momentum and group["dampening"] != 0 and self._loss_scale is not None
+        if first_may_skip and bool(window_scalars[0] != 0):
+            for param in batch.params:
+                del self.state[param]["momentum_buffer"]
+            return
         backend.sgd_step(
             batch,
             [self.state[p]["momentum_buffer"] for p in batch.params] if momentum else None,
@@ -145,5 +164,5 @@ class FusedAccumSGD(FusedAccumOptimizer):
             weight_decay=float(group["weight_decay"]),
             nesterov=group["nesterov"],
             maximize=group["maximize"],
-            init_momentum=bool(state_key),
+            init_momentum=init_momentum,
         )

@@ -81,3 +81,28 @@ def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str:
         f"{int(differ.sum())} of {actual.numel()} elements differ, first at {where}: "
         f"{actual[where].tolist()} vs {expected[where].tolist()}"
     )
+
+
+def _backend_param(name: str):
+    """``name`` as a pytest parameter, skipped where that backend cannot run on CPU
+    (the compiled kernels not built, Triton outside its interpreter), unless CI says
+    the build is expected (FUSED_ACCUM_EXPECT_COMPILED=1): then the tests fail."""
+    import os
+
+    import pytest
+
+    from fused_accum.backends import resolve_backend
+
+    try:
+        resolve_backend(name, torch.device("cpu"), torch.float32)
+        reason = None
+    except (ValueError, RuntimeError) as error:
+        reason = str(error)
+    if name == "cpu" and os.environ.get("FUSED_ACCUM_EXPECT_COMPILED") == "1":
+        reason = None
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+# Every backend that can run on CPU: the reference, the compiled kernels, and Triton
+# under its interpreter.
+CPU_BACKENDS = [_backend_param(name) for name in ("torch", "cpu", "triton")]
