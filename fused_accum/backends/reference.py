@@ -203,8 +203,10 @@ class ReferenceBackend:
                 else:
                     second_moment = exp_avg_sq
                 denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-                if isinstance(step_size, torch.Tensor):  # addcdiv_ takes a number only
-                    working.sub_(exp_avg.div(denom).mul_(step_size))
+                if isinstance(step_size, torch.Tensor):
+                    # addcdiv_ takes a number only; on CPU it rounds (value * t1) / t2,
+                    # and so does this
+                    working.addcdiv_(exp_avg * step_size, denom, value=-1)
                 else:
                     working.addcdiv_(exp_avg, denom, value=-step_size)
                 _store(batch, i, working)
