@@ -10,6 +10,9 @@ Providers:
                    AdamW(fused=True).step(), buf.zero_()
   classic          (fp32) autograd's accumulation into .grad (g stolen on the first
                    micro-step, grad.add_(g) after), AdamW(fused=True).step(), zero_grad()
+  ...+clip         (fp32) the same with clipping of the window's gradient to norm 1:
+                   max_grad_norm=1 for fused_accum, clip_grad_norm_(params, 1) before
+                   the classic loop's step
 Gradients are made once and fed every micro-step, so only the optimizer work is timed.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,10 +44,10 @@ def _grads(params):
     return [torch.randn_like(p) * 1e-3 for p in params]
 
 
-def fused_window(dtype):
+def fused_window(dtype, **options):
     params = _params(dtype)
     grads = _grads(params)
-    optimizer = FusedAccumAdamW(params, lr=LR, accumulation_steps=STEPS)
+    optimizer = FusedAccumAdamW(params, lr=LR, accumulation_steps=STEPS, **options)
 
     def window():
         for _ in range(STEPS):
@@ -75,7 +79,7 @@ def eager_window(dtype):
     return window
 
 
-def classic_window(dtype):
+def classic_window(dtype, clip=False):
     params = _params(dtype)
     grads = _grads(params)
     fresh = [torch.empty_like(g) for g in grads]  # what autograd hands over, stolen as .grad
@@ -88,6 +92,8 @@ def classic_window(dtype):
                     param.grad = first
                 else:
                     param.grad.add_(grad)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
 
@@ -102,13 +108,16 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     cases = [
-        ("bf16", torch.bfloat16, "eager-fp32-buf", eager_window),
-        ("fp32", torch.float32, "classic", classic_window),
-    ]
-    for dtype_name, dtype, baseline_name, baseline in cases:
-        window, backends = fused_window(dtype)
+        ("bf16", torch.bfloat16, "eager-fp32-buf", eager_window, {}),
+        ("fp32", torch.float32, "classic", classic_window, {}),
+        ("fp32", torch.float32, "classic+clip", partial(classic_window, clip=True),
+         {"max_grad_norm": 1.0}),
+    ]  # fmt: skip
+    for dtype_name, dtype, baseline_name, baseline, options in cases:
+        window, backends = fused_window(dtype, **options)
         backend = ",".join(sorted({b.name for b in backends.values()}))
-        timings = {f"fused_accum[{backend}]": measure(window, args.windows)}
+        clip = "+clip" if options else ""
+        timings = {f"fused_accum[{backend}]{clip}": measure(window, args.windows)}
         del window, backends
         timings[baseline_name] = measure(baseline(dtype), args.windows)
         reference = timings[baseline_name]["median_s"]
