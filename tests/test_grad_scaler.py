@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS
 
 from fused_accum import FusedAccumAdamW, FusedAccumSGD
 
@@ -39,7 +40,7 @@ def _snapshot(model, optimizer):
     return params, state
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "optimizer_class", [FusedAccumSGD, FusedAccumAdamW], ids=lambda c: c.__name__
 )

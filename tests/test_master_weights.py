@@ -7,10 +7,11 @@ import io
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS
 
 from fused_accum import FusedAccumAdamW, FusedAccumSGD
 
-BACKENDS = ["torch", "cpu"]
+BACKENDS = CPU_BACKENDS
 
 
 def _regression(seed=0):
