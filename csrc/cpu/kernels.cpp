@@ -140,8 +140,17 @@ std::vector<Chunk> chunks_of(at::TensorList tensors) {
   return chunks;
 }
 
+// Below this many elements in one call, waking the thread pool costs more than it saves.
+constexpr int64_t kParallelElements = int64_t(1) << 16;
+
 template <typename Fn>
 void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+  int64_t elements = 0;
+  for (const Chunk& chunk : chunks) elements += chunk.size;
+  if (elements < kParallelElements) {
+    for (const Chunk& chunk : chunks) fn(chunk);
+    return;
+  }
   at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(chunks[size_t(i)]);
   });
