@@ -26,11 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from shapes import gpt2_124m
-from timing import environment, measure
-
 from fused_accum import FusedAccumAdamW
+from fused_accum.bench.shapes import gpt2_124m
+from fused_accum.bench.timing import environment, measure
 
 STEPS = 8
 LR = 1e-4

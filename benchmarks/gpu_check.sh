@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in one command and without network: build the compiled kernels if
-# a toolkit is there, run the CUDA tests and the GPU benchmarks, and leave every log
-# and table in one folder (first argument, default gpu_check/).
+# a toolkit is there, run the CUDA tests and the GPU benchmarks (kernel sweeps and
+# whole windows, `python -m fused_accum bench`), and leave every log, CSV and PNG in
+# one folder (first argument, default gpu_check/). About 5-10 minutes.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
 #
@@ -35,15 +36,13 @@ else
   echo "build failed (see build.log): the cpu/cuda backends are skipped, Triton still runs"
 fi
 
-echo "== CUDA tests"
-python -m pytest -q -p no:cacheprovider -k "cuda" \
-  tests/test_triton_backend.py tests/test_compiled_backend.py tests/test_backend_choice.py \
-  > "$out/tests.log" 2>&1
+echo "== tests (the whole suite; the CUDA ones run here)"
+python -m pytest -q -p no:cacheprovider tests > "$out/tests.log" 2>&1
 status=$?
 tail -n 3 "$out/tests.log"
 
-echo "== GPU benchmarks"
-python benchmarks/accumulate_sweep.py --device cuda --csv "$out/accumulate_sweep.csv" \
-  > "$out/accumulate_sweep.log" 2>&1 || echo "accumulate sweep failed (see its log)"
-tail -n 12 "$out/accumulate_sweep.log"
+echo "== GPU benchmarks (CSV and PNG in $out/bench)"
+python -m fused_accum bench --device cuda --out "$out/bench" --no-progress \
+  > "$out/bench.log" 2>&1 || echo "benchmarks failed (see bench.log)"
+tail -n 30 "$out/bench.log"
 exit $status

@@ -1,23 +1,20 @@
-"""Command line: ``python -m fused_accum demo``."""
+"""Command line of fused_accum.
+
+python -m fused_accum demo     train a small model with accumulation
+python -m fused_accum bench    kernel and window benchmarks, CSV and PNG
+python -m fused_accum info     which backends run here, and why others do not
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
+import warnings
+from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_accum", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="train a small model with accumulation and compare to the large batch"
-    )
-    demo.add_argument("--windows", type=int, default=300, help="updates to train (300)")
-    demo.add_argument("--accumulation-steps", type=int, default=4, help="micro-batches per update")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
+def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from .demo import format_demo, run_demo
@@ -26,6 +23,120 @@ def main(argv: list[str] | None = None) -> int:
     results = run_demo(args.windows, args.accumulation_steps, seed=args.seed, device=device)
     print(format_demo(results, args.windows, args.accumulation_steps, device))
     return 0
+
+
+def _write_csv(rows: list[dict], path: Path) -> Path:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import suite
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = suite.Settings.for_device(device, quick=args.quick)
+    if args.shapes:
+        settings.shape_lists = args.shapes
+    if args.repeats:
+        settings.repeats = args.repeats
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = ["sweep", "window"] if args.only is None else [args.only]
+    jobs = (len(settings.sizes) * len(suite.SWEEP_OPS) if "sweep" in parts else 0) + (
+        suite.count_window_jobs(settings) if "window" in parts else 0
+    )
+    progress = suite.Progress(jobs, enabled=not args.no_progress)
+    written = []
+    for part in parts:
+        runner = suite.sweep if part == "sweep" else suite.windows
+        rows = list(runner(settings, progress))
+        written.append(_write_csv(rows, args.out / f"{part}.csv"))
+        if not args.no_plots:
+            from .bench import plots
+
+            plot = plots.plot_sweep if part == "sweep" else plots.plot_windows
+            try:
+                written.append(plot(rows, args.out / f"{part}.png"))
+            except RuntimeError as error:  # no matplotlib: the CSV is still there
+                print(f"no {part}.png: {error}", file=sys.stderr)
+        if part == "window":
+            for row in rows:
+                print(f"{row['shapes']:10} {row['dtype']} {row['provider']:24} "
+                      f"{row['median_s'] * 1e3:9.2f} ms  {row['speedup_vs_baseline']:5.2f}x "
+                      f"vs {row['baseline']}")  # fmt: skip
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .backends import BACKEND_NAMES, resolve_backend
+
+    print(f"fused_accum {__version__}, torch {torch.__version__}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        print(f"\n{device} ({name}):")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            with warnings.catch_warnings():  # the fallback notice: the line says it
+                warnings.simplefilter("ignore")
+                chosen = resolve_backend("auto", torch.device(device), dtype).name
+            print(f"  {str(dtype).removeprefix('torch.'):9} auto -> {chosen}")
+        for backend in BACKEND_NAMES:
+            if backend == "auto":
+                continue
+            try:
+                resolve_backend(backend, torch.device(device), torch.float32)
+                print(f"  {backend:7} available")
+            except ValueError as error:
+                print(f"  {backend:7} unavailable: {error}")
+    if not torch.cuda.is_available():
+        print("\ncuda: no CUDA device (torch.cuda.is_available() is False)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_accum",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train a small model with accumulation and compare to the large batch"
+    )
+    demo.add_argument("--windows", type=int, default=300, help="updates to train (300)")
+    demo.add_argument("--accumulation-steps", type=int, default=4, help="micro-batches per update")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="kernel and window benchmarks against PyTorch, written as CSV and PNG"
+    )
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    bench.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder")
+    bench.add_argument("--only", choices=["sweep", "window"], help="run one part only")
+    bench.add_argument("--shapes", nargs="+", choices=["tiny", "gpt2-124m", "llama-1b"],
+                       help="shape lists of the window benchmark")  # fmt: skip
+    bench.add_argument("--repeats", type=int, help="timed runs per measurement")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    bench.add_argument("--no-plots", action="store_true", help="CSV only")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_bench)
+
+    info = commands.add_parser("info", help="which backends run here, and why others do not")
+    info.set_defaults(run=_info)
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

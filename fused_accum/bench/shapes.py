@@ -18,3 +18,28 @@ def gpt2_124m() -> list[tuple[int, ...]]:
         ]  # fmt: skip
     shapes += [(hidden,), (hidden,)]  # ln_f
     return shapes
+
+
+def llama_1b() -> list[tuple[int, ...]]:
+    """A 1.1B Llama-like model (TinyLlama's shapes): 201 tensors, 22 layers of 9 with
+    grouped-query attention, many small norm weights, a 65.5M embedding and an untied
+    output layer."""
+    hidden, intermediate, vocab, layers, kv = 2048, 5632, 32000, 22, 256
+    shapes: list[tuple[int, ...]] = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [
+            (hidden,),  # input norm
+            (hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),  # q k v o
+            (hidden,),  # post-attention norm
+            (intermediate, hidden), (intermediate, hidden), (hidden, intermediate),  # mlp
+        ]  # fmt: skip
+    shapes += [(hidden,), (vocab, hidden)]  # final norm, output layer
+    return shapes
+
+
+def tiny() -> list[tuple[int, ...]]:
+    """A few small tensors of odd sizes, for quick runs and tests."""
+    return [(33, 17), (17,), (1000,), (5, 7, 3)]
+
+
+SHAPE_LISTS = {"gpt2-124m": gpt2_124m, "llama-1b": llama_1b, "tiny": tiny}

@@ -1,5 +1,6 @@
-"""Timing helpers shared by the benchmarks: median and 20/80% quantiles of repeated
-runs, and the environment that each result row carries."""
+"""Timing: median and 20/80% quantiles of repeated runs (on CUDA with Triton's
+do_bench, which flushes the L2 cache between runs, and with a CUDA-graph replay), and
+the environment that each result row carries."""
 
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def measure(run: Callable[[], None], repeats: int, warmup: int = 1, device: str 
         "p80_s": quantiles[7],
         "repeats": repeats,
     }
+
+
+def measure_cuda(run: Callable[[], None], repeats: int, graph: bool = False) -> dict:
+    """Seconds per call of ``run`` on CUDA, by triton.testing.do_bench (the L2 cache
+    flushed before each call) or, with ``graph``, by replaying a CUDA graph of it
+    (launch overhead gone). ``repeats`` sets the time budget: about 4 ms per repeat."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    budget_ms = max(25, 4 * repeats)
+    if graph:
+        quantiles = do_bench_cudagraph(run, rep=budget_ms, quantiles=[0.5, 0.2, 0.8])
+    else:
+        quantiles = do_bench(run, warmup=10, rep=budget_ms, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = (q / 1e3 for q in quantiles)
+    return {"median_s": median, "p20_s": p20, "p80_s": p80, "repeats": repeats}
 
 
 def _cpu_name() -> str:
