@@ -21,6 +21,7 @@ from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight
 from ._loss_scaling import DeviceLossScale, loss_scaling_settings
 from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
+from .distributed import WindowReducer, check_ranks_agree
 
 # The arguments every fused_accum optimizer adds to torch.optim's, for their docstrings.
 ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>= 1).
@@ -51,6 +52,12 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             .backward()``; a non-finite gradient in any micro-batch skips the whole
             window on the device, and the scale backs off or grows there. All
             parameters must be on one device.
+        process_group: data parallel training on torch.distributed: each rank
+            accumulates its own micro-batches, and at the window boundary the fp32
+            buffers are summed over the ranks of this group (for example
+            ``torch.distributed.group.WORLD``) once, in asynchronous buckets, and the
+            window weights too, so the update is the weighted mean over every
+            micro-batch of every rank. None (the default): one process.
 """
 
 
@@ -71,8 +78,11 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
+        process_group: Any = None,
     ) -> None:
         check_backend_name(backend)
+        self._process_group = process_group
+        self._reducer: WindowReducer | None = None
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._loss_scaling = loss_scaling_settings(loss_scaling)
         self._loss_scale: DeviceLossScale | None = None
@@ -106,6 +116,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         if self._loss_scaling is not None:
             devices = {device for device, _ in self._accumulation.groups}
             self._loss_scale = DeviceLossScale(self._loss_scaling, devices.pop())
+        if process_group is not None:
+            self._reducer = WindowReducer(process_group)
+            check_ranks_agree(self, process_group)
 
     # ----------------------------------------------------------------- parameters
 
@@ -155,17 +168,17 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 )
 
     def _check_one_device(self, params: list[torch.Tensor]) -> None:
-        """With loss scaling, every parameter must live on one device: the window's
-        overflow flag and the scale are one device's tensors."""
-        if self._loss_scaling is None:
+        """With loss scaling or data parallel, every parameter must live on one device:
+        the window's overflow flag, the scale and the reduced tensors are one device's."""
+        if self._loss_scaling is None and self._process_group is None:
             return
         devices = {device for device, _ in self._accumulation.groups}
         devices |= {p.device for p in params if isinstance(p, torch.Tensor)}
         if len(devices) > 1:
             raise ValueError(
-                f"loss_scaling needs all parameters on one device, got "
-                f"{sorted(str(d) for d in devices)}; use torch.amp.GradScaler for a model "
-                f"spread over devices"
+                f"loss_scaling and process_group need all parameters on one device, got "
+                f"{sorted(str(d) for d in devices)}; use one device per process (and "
+                f"torch.amp.GradScaler for a model spread over devices)"
             )
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -367,9 +380,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
-        applied = boundary and not accumulation.overflowed
-        if applied:
-            self._apply_window(pairs, factor)
+        applied = False
+        # data parallel: every rank takes part in the boundary's collectives
+        if boundary and (self._reducer is not None or not accumulation.overflowed):
+            applied = self._apply_window(pairs, factor)
         elif boundary:
             accumulation.end_window()
         accumulation.last_step_applied = applied
@@ -412,9 +426,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             )
         if self._accumulation.window_micro_steps == 0:
             return False
-        self._apply_window([], 0.0)
-        self._accumulation.last_step_applied = True
-        return True
+        applied = self._apply_window([], 0.0)
+        self._accumulation.last_step_applied = applied
+        return applied
 
     def discard_window(self) -> None:
         """Drop everything accumulated since the last update (buffers, micro-step count
@@ -427,15 +441,35 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     def _apply_window(
         self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
-    ) -> None:
+    ) -> bool:
         """Apply the window: the buffers' sums and the last micro-step's gradients
-        ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight."""
+        ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight (over
+        all ranks, when data parallel). Returns False if the host skipped it (a
+        GradScaler overflow on some rank)."""
         accumulation = self._accumulation
         total_weight = accumulation.window_weight
         window_scalars = None
-        if self.max_grad_norm is not None or self._loss_scale is not None:
-            window_scalars = self._decide_on_device(fresh, fresh_factor, total_weight)
+        decided_on_device = self.max_grad_norm is not None or self._loss_scale is not None
+        if self._reducer is not None:
+            accumulation.fold(fresh, fresh_factor, self._found_inf())
             fresh = []
+            total_weight, overflowed = self._reducer.reduce_window(
+                accumulation,
+                self._all_params(),
+                overflowed=accumulation.overflowed,
+                found_inf=self._found_inf(),
+                accumulation_steps=self.accumulation_steps,
+            )
+            if overflowed and self._loss_scale is None:
+                accumulation.end_window()
+                return False
+            if decided_on_device:
+                squares = self._squares_of_sums() if self.max_grad_norm is not None else None
+                window_scalars = self._window_scalars(squares, total_weight)
+        elif decided_on_device:
+            squares = self._fold_last(fresh, fresh_factor)
+            fresh = []
+            window_scalars = self._window_scalars(squares, total_weight)
         fresh_grads = {id(param): grad for param, grad in fresh}
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
@@ -473,34 +507,49 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         accumulation.update_count += 1
         if self._loss_scale is not None:
             self._loss_scale.end_window()
+        return True
 
-    def _decide_on_device(
-        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float, weight: float
+    def _squares_of_sums(
+        self, leaving_out: set[int] = frozenset()
     ) -> dict[torch.device, torch.Tensor]:
-        """Fold the last micro-step's gradients like the others' (checking them for
-        non-finite values, summing the squares of the window's sums on the way), then
-        decide on the device whether the window is skipped and the factor on its mean
-        gradient (clipping coefficient over loss scale): ``[skip, factor]`` as float64,
-        per device. Nothing is read on the host."""
+        """Per device, the sum of the squares of the window's sums, but for the
+        parameters (ids) ``leaving_out``: one pass over those buffers."""
         accumulation = self._accumulation
-        devices = list(dict.fromkeys(device for device, _ in accumulation.groups))
-        sum_sq = None
+        squares = {device: torch.zeros(1, device=device) for device, _ in accumulation.groups}
+        for param in self._all_params():
+            if id(param) in accumulation.holds_sum and id(param) not in leaving_out:
+                buffer = accumulation.buffer_view(param)
+                squares[param.device].add_(buffer.double().square().sum().float())
+        return squares
+
+    def _fold_last(
+        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
+    ) -> dict[torch.device, torch.Tensor] | None:
+        """Fold the last micro-step's gradients like the others' (checking them for
+        non-finite values and, when clipping, summing the squares of the window's sums
+        on the way; the sums it does not touch are squared apart). Returns the sums of
+        squares per device, or None without clipping."""
+        squares = None
         if self.max_grad_norm is not None:
-            sum_sq = {device: torch.zeros(1, device=device) for device in devices}
-            fresh_ids = {id(param) for param, _ in fresh}
-            for param in self._all_params():  # sums this last fold will not touch
-                if id(param) in accumulation.holds_sum and id(param) not in fresh_ids:
-                    buffer = accumulation.buffer_view(param)
-                    sum_sq[param.device].add_(buffer.double().square().sum().float())
-        accumulation.fold(fresh, fresh_factor, self._found_inf(), sum_sq)
+            squares = self._squares_of_sums(leaving_out={id(param) for param, _ in fresh})
+        self._accumulation.fold(fresh, fresh_factor, self._found_inf(), squares)
+        return squares
+
+    def _window_scalars(
+        self, squares: dict[torch.device, torch.Tensor] | None, weight: float
+    ) -> dict[torch.device, torch.Tensor]:
+        """Decide on the device whether the window is skipped and the factor on its
+        mean gradient (clipping coefficient over loss scale): ``[skip, factor]`` as
+        float64, per device. Nothing is read on the host."""
+        devices = list(dict.fromkeys(device for device, _ in self._accumulation.groups))
         home = devices[0]
         skip = torch.zeros((), device=home)
         factor = torch.ones((), device=home)
         if self._loss_scale is not None:
             skip = self._loss_scale.found_inf.reshape(()).clone()
             factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
-        if sum_sq is not None:
-            total = torch.stack([sum_sq[device].to(home) for device in devices]).sum()
+        if squares is not None:
+            total = torch.stack([squares[device].to(home) for device in devices]).sum()
             # the buffers hold sum(w * g) times the loss scale; the mean is that / weight
             norm = total.sqrt() / weight * factor
             coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -103,6 +103,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
+        process_group: Any = None,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
         self._step_history: dict[int, Hashable] = {}
@@ -134,6 +135,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             stochastic_rounding=stochastic_rounding,
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
+            process_group=process_group,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -259,6 +261,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -280,4 +283,5 @@ class FusedAccumAdamW(FusedAccumAdam):
             stochastic_rounding=stochastic_rounding,
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
+            process_group=process_group,
         )

@@ -84,6 +84,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         stochastic_rounding: bool = False,
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
+        process_group: Any = None,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -116,6 +117,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             stochastic_rounding=stochastic_rounding,
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
+            process_group=process_group,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def environment(device: str = "cpu") -> dict:
     return {
         "device": f"{name} ({torch.get_num_threads()} threads)" if device == "cpu" else name,
         "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "triton": triton_version,
         "fused_accum": fused_accum.__version__,
     }
