@@ -38,6 +38,9 @@ struct StepArgs {
   // [skip, grad_factor] for SGD, [skip, grad_factor, step_size, bias_correction2_sqrt]
   // for Adam, float64, in the parameters' device memory.
   const double* device_scalars = nullptr;
+  // Gradient statistics to add to (see spec.StepBatch.grad_stats), or nullptr: a
+  // contiguous float32 (number of parameters, 4) table in the parameters' device memory.
+  float* grad_stats = nullptr;
 
   // Bias corrections of update number `step`, computed as torch.optim.Adam does.
   void set_adam_step(int64_t step) {

@@ -53,13 +53,28 @@ inline void set_device_scalars(StepArgs& args, const std::optional<at::Tensor>& 
   args.device_scalars = scalars->data_ptr<double>();
 }
 
+// The step's gradient statistics table (see StepArgs::grad_stats).
+inline void set_grad_stats(StepArgs& args, const std::optional<at::Tensor>& stats,
+                           at::TensorList params) {
+  if (!stats.has_value()) return;
+  const int64_t rows = static_cast<int64_t>(params.size());
+  TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->dim() == 2 &&
+                  stats->size(0) == rows && stats->size(1) == 4 && stats->is_contiguous() &&
+                  stats->device() == params[0].device(),
+              "fused_accum: grad_stats must be a contiguous float32 (", rows,
+              ", 4) tensor on the parameters' device (", params[0].device(), "), got ",
+              stats->scalar_type(), " ", stats->sizes(), " on ", stats->device());
+  args.grad_stats = stats->data_ptr<float>();
+}
+
 template <StepRunner run>
 void sgd_step_op(at::TensorList params, at::TensorList buffers,
                  std::optional<at::TensorList> grads, at::TensorList momentum_buffers,
                  at::TensorList masters, bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
                  double dampening, double weight_decay, bool nesterov, bool maximize,
                  bool init_momentum, int64_t rounding_seed,
-                 const std::optional<at::Tensor>& device_scalars) {
+                 const std::optional<at::Tensor>& device_scalars,
+                 const std::optional<at::Tensor>& grad_stats) {
   check_step(params, buffers, grads,
              {{"momentum_buffers", momentum_buffers}, {"masters", masters}}, use_buffer);
   check_masters(masters, params);
@@ -79,6 +94,7 @@ void sgd_step_op(at::TensorList params, at::TensorList buffers,
   args.init_momentum = init_momentum;
   set_rounding(args, rounding_seed, params, buffers);
   set_device_scalars(args, device_scalars, params, 2);
+  set_grad_stats(args, grad_stats, params);
   run(params, buffers, grads, {momentum_buffers}, masters, args);
 }
 
@@ -90,7 +106,8 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
                   double normaliser, double grad_scale, int64_t step_number, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                  int64_t rounding_seed, const std::optional<at::Tensor>& device_scalars) {
+                  int64_t rounding_seed, const std::optional<at::Tensor>& device_scalars,
+                  const std::optional<at::Tensor>& grad_stats) {
   check_step(params, buffers, grads,
              {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
               {"max_exp_avg_sqs", max_exp_avg_sqs}, {"masters", masters}},
@@ -118,6 +135,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
   args.set_adam_step(step_number);
   set_rounding(args, rounding_seed, params, buffers);
   set_device_scalars(args, device_scalars, params, 4);
+  set_grad_stats(args, grad_stats, params);
   run(params, buffers, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, masters, args);
 }
 

@@ -8,6 +8,7 @@ optimizer, applied once per window of ``accumulation_steps`` micro-steps.
 from ._loss_scaling import LossScaling
 from .adam import FusedAccumAdam, FusedAccumAdamW
 from .backends import BACKEND_NAMES
+from .grad_flow import plot_grad_flow, plot_grad_norm_history
 from .sgd import FusedAccumSGD
 
 __version__ = "0.1.0"
@@ -19,4 +20,6 @@ __all__ = [
     "FusedAccumSGD",
     "LossScaling",
     "__version__",
+    "plot_grad_flow",
+    "plot_grad_norm_history",
 ]

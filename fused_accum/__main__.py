@@ -20,8 +20,20 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_demo, run_demo
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = run_demo(args.windows, args.accumulation_steps, seed=args.seed, device=device)
+    plots = None if args.no_plots else args.plots
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if plots is not None:
+            print("no plots: matplotlib is not installed (pip install matplotlib)")
+        plots = None
+    results = run_demo(
+        args.windows, args.accumulation_steps, seed=args.seed, device=device, plots=plots
+    )
     print(format_demo(results, args.windows, args.accumulation_steps, device))
+    if plots is not None:
+        print(f"gradient flow of the fused_accum run: {plots / 'grad_flow.png'}, "
+              f"{plots / 'grad_norms.png'}")  # fmt: skip
     return 0
 
 
@@ -117,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--accumulation-steps", type=int, default=4, help="micro-batches per update")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--plots", type=Path, default=Path("demo_results"),
+                      help="folder for the gradient-flow plots (demo_results)")  # fmt: skip
+    demo.add_argument("--no-plots", action="store_true", help="draw nothing")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser(

@@ -73,11 +73,12 @@ class AccumulationState:
         weight: float,
         found_inf: torch.Tensor | None = None,
         sum_sq: dict[torch.device, torch.Tensor] | None = None,
+        grad_sum_sq: dict[torch.device, torch.Tensor] | None = None,
     ) -> None:
         """Add ``weight * grad`` into the buffer of each (param, grad) pair: one backend
         call per (group, first contribution or not). ``found_inf`` (one device's flag)
-        is raised by a non-finite gradient; ``sum_sq`` (per device) receives the sums of
-        squares of the new buffer values."""
+        is raised by a non-finite gradient; ``sum_sq`` and ``grad_sum_sq`` (per device)
+        receive the sums of squares of the new buffer values and of the gradients."""
         calls: dict[tuple, tuple[list, list]] = {}
         holds_sum, slots = self.holds_sum, self.slots
         for param, grad in pairs:
@@ -97,6 +98,7 @@ class AccumulationState:
                 overwrite=first,
                 found_inf=found_inf,
                 sum_sq=None if sum_sq is None else sum_sq[group.device],
+                grad_sum_sq=None if grad_sum_sq is None else grad_sum_sq[group.device],
             )
 
     def end_window(self) -> None:

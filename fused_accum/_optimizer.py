@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from ._accumulation import AccumulationState
 from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
+from ._grad_stats import GradStatsTracker
 from ._loss_scaling import DeviceLossScale, loss_scaling_settings
 from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
@@ -58,6 +59,12 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             ``torch.distributed.group.WORLD``) once, in asynchronous buckets, and the
             window weights too, so the update is the weighted mean over every
             micro-batch of every rank. None (the default): one process.
+        track_grad_stats: keep gradient statistics on the device, computed by the
+            kernels that already read the gradients (no extra pass over memory): per
+            parameter mean |g|, max |g| and L2 norm of each window's applied gradient,
+            each micro-step's gradient norm, and the history of the window norms.
+            Read them with :meth:`grad_stats`, :meth:`micro_step_grad_norms` and
+            :meth:`grad_norm_history`; plot them with ``fused_accum.plot_grad_flow``.
 """
 
 
@@ -79,8 +86,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        track_grad_stats: bool = False,
     ) -> None:
         check_backend_name(backend)
+        self._grad_stats = GradStatsTracker() if track_grad_stats else None
         self._process_group = process_group
         self._reducer: WindowReducer | None = None
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -263,7 +272,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 return
             optimizer._check_grad(param, param.grad)
             optimizer._accumulation.fold(
-                [(param, param.grad)], optimizer._pending_weight, optimizer._found_inf()
+                [(param, param.grad)],
+                optimizer._pending_weight,
+                optimizer._found_inf(),
+                grad_sum_sq=optimizer._micro_step_squares(1.0),
             )
             optimizer._folded_since_step = True
             param.grad = None
@@ -330,6 +342,61 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     def _found_inf(self) -> torch.Tensor | None:
         return None if self._loss_scale is None else self._loss_scale.found_inf
 
+    def _micro_step_squares(self, inverse_loss_scale: float) -> dict | None:
+        """With ``track_grad_stats``, where this micro-step's gradients leave the sums
+        of their squares (per device); else None."""
+        if self._grad_stats is None:
+            return None
+        scale: Any = inverse_loss_scale
+        if self._loss_scale is not None:
+            scale = self._loss_scale.scale.reshape(()).reciprocal()
+        devices = list(dict.fromkeys(device for device, _ in self._accumulation.groups))
+        return self._grad_stats.micro_step_sums(devices, scale)
+
+    def grad_stats(self) -> list[dict[str, Any]]:
+        """With ``track_grad_stats``: per parameter updated by the last applied window,
+        in model order, ``{"name", "mean_abs", "max_abs", "norm"}`` of its applied
+        gradient (the window's mean, after clipping and unscaling). Names come from
+        ``named_parameters()`` when the optimizer was given them, else "group.index".
+        Reads the device (a host synchronisation), so call it when you need it."""
+        tracker = self._require_grad_stats()
+        rows: dict[int, torch.Tensor] = {}
+        for params, table in tracker.last_tables:
+            values = table.cpu()
+            for param, row in zip(params, values, strict=True):
+                rows[id(param)] = row
+        stats = []
+        for group_index, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for index, param in enumerate(group["params"]):
+                row = rows.get(id(param))
+                if row is None:
+                    continue
+                stats.append({
+                    "name": names[index] if names else f"{group_index}.{index}",
+                    "mean_abs": row[0].item() / max(param.numel(), 1),
+                    "max_abs": row[2].item(),
+                    "norm": row[1].sqrt().item(),
+                })  # fmt: skip
+        return stats
+
+    def micro_step_grad_norms(self) -> torch.Tensor | None:
+        """With ``track_grad_stats``: the L2 norm of each micro-step's gradient in the
+        last applied window (unweighted, unscaled; this rank's), a device tensor."""
+        return self._require_grad_stats().last_micro_step_norms
+
+    def grad_norm_history(self) -> torch.Tensor:
+        """With ``track_grad_stats``: the global L2 norm of the applied gradient of
+        every applied window so far, a device tensor."""
+        return self._require_grad_stats().history()
+
+    def _require_grad_stats(self) -> GradStatsTracker:
+        if self._grad_stats is None:
+            raise RuntimeError(
+                "gradient statistics need track_grad_stats=True when the optimizer is created"
+            )
+        return self._grad_stats
+
     @property
     def update_count(self) -> int:
         """Updates applied so far, by step() or flush()."""
@@ -375,8 +442,11 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             pairs = []  # a window with a non-finite gradient is skipped whole
         factor = weight * inverse_loss_scale
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
+        grad_squares = self._micro_step_squares(inverse_loss_scale)
         if not boundary:
-            accumulation.fold(pairs, factor, self._found_inf())
+            accumulation.fold(pairs, factor, self._found_inf(), grad_sum_sq=grad_squares)
+            if self._grad_stats is not None:
+                self._grad_stats.close_micro_step()
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
@@ -386,6 +456,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             applied = self._apply_window(pairs, factor)
         elif boundary:
             accumulation.end_window()
+            if self._grad_stats is not None:
+                self._grad_stats.discard()
         accumulation.last_step_applied = applied
         return loss
 
@@ -434,6 +506,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """Drop everything accumulated since the last update (buffers, micro-step count
         and weight) without applying it. zero_grad() never does this."""
         self._accumulation.end_window()
+        if self._grad_stats is not None:
+            self._grad_stats.discard()
         if self._loss_scale is not None:
             self._loss_scale.found_inf.zero_()
         self._pending_weight = 1.0
@@ -450,8 +524,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         total_weight = accumulation.window_weight
         window_scalars = None
         decided_on_device = self.max_grad_norm is not None or self._loss_scale is not None
+        grad_squares = None if self._grad_stats is None else self._grad_stats.open_sums()
         if self._reducer is not None:
-            accumulation.fold(fresh, fresh_factor, self._found_inf())
+            accumulation.fold(fresh, fresh_factor, self._found_inf(), grad_sum_sq=grad_squares)
             fresh = []
             total_weight, overflowed = self._reducer.reduce_window(
                 accumulation,
@@ -462,12 +537,14 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             )
             if overflowed and self._loss_scale is None:
                 accumulation.end_window()
+                if self._grad_stats is not None:
+                    self._grad_stats.discard()
                 return False
             if decided_on_device:
                 squares = self._squares_of_sums() if self.max_grad_norm is not None else None
                 window_scalars = self._window_scalars(squares, total_weight)
         elif decided_on_device:
-            squares = self._fold_last(fresh, fresh_factor)
+            squares = self._fold_last(fresh, fresh_factor, grad_squares)
             fresh = []
             window_scalars = self._window_scalars(squares, total_weight)
         fresh_grads = {id(param): grad for param, grad in fresh}
@@ -502,8 +579,12 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             for (device, dtype, *_, state_key), batch in batches.items():
                 backend = accumulation.backends[(device, dtype)]
                 scalars = None if window_scalars is None else window_scalars[device]
+                if self._grad_stats is not None:
+                    batch.grad_stats = self._grad_stats.table(batch.params, device)
                 self._step_batch(group, backend, batch, state_key, scalars)
         accumulation.end_window()
+        if self._grad_stats is not None:
+            self._grad_stats.end_window(applied=True)
         accumulation.update_count += 1
         if self._loss_scale is not None:
             self._loss_scale.end_window()
@@ -523,7 +604,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         return squares
 
     def _fold_last(
-        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
+        self,
+        fresh: list[tuple[torch.Tensor, torch.Tensor]],
+        fresh_factor: float,
+        grad_squares: dict[torch.device, torch.Tensor] | None = None,
     ) -> dict[torch.device, torch.Tensor] | None:
         """Fold the last micro-step's gradients like the others' (checking them for
         non-finite values and, when clipping, summing the squares of the window's sums
@@ -532,7 +616,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         squares = None
         if self.max_grad_norm is not None:
             squares = self._squares_of_sums(leaving_out={id(param) for param, _ in fresh})
-        self._accumulation.fold(fresh, fresh_factor, self._found_inf(), squares)
+        self._accumulation.fold(fresh, fresh_factor, self._found_inf(), squares, grad_squares)
         return squares
 
     def _window_scalars(

@@ -104,6 +104,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        track_grad_stats: bool = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
         self._step_history: dict[int, Hashable] = {}
@@ -136,6 +137,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            track_grad_stats=track_grad_stats,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:
@@ -262,6 +264,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        track_grad_stats: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -284,4 +287,5 @@ class FusedAccumAdamW(FusedAccumAdam):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            track_grad_stats=track_grad_stats,
         )

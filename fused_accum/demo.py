@@ -7,10 +7,12 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .adam import FusedAccumAdamW
+from .grad_flow import plot_grad_flow, plot_grad_norm_history
 
 
 @dataclass
@@ -56,8 +58,11 @@ def run_demo(
     lr: float = 3e-3,
     seed: int = 0,
     device: str = "cpu",
+    plots: str | Path | None = None,
 ) -> list[DemoRun]:
-    """Train the same model from the same start three ways; return one DemoRun each."""
+    """Train the same model from the same start three ways; return one DemoRun each.
+    With ``plots`` (a folder), the fused_accum run tracks its gradient statistics and
+    draws them there: ``grad_flow.png`` (per layer) and ``grad_norms.png`` (per update)."""
     device = torch.device(device)
     data = _data(windows, accumulation_steps, seed, device)
     runs = []
@@ -86,12 +91,18 @@ def run_demo(
 
     def fused(model):
         optimizer = FusedAccumAdamW(
-            model.parameters(), lr=lr, accumulation_steps=accumulation_steps
-        )
+            model.named_parameters(), lr=lr, accumulation_steps=accumulation_steps,
+            track_grad_stats=plots is not None,
+        )  # fmt: skip
         for window in data:
             for x, y in window:
                 _loss(model, x, y).backward()
                 optimizer.step(weight=len(x))
+        if plots is not None:
+            folder = Path(plots)
+            folder.mkdir(parents=True, exist_ok=True)
+            plot_grad_flow(optimizer, folder / "grad_flow.png")
+            plot_grad_norm_history(optimizer, folder / "grad_norms.png")
 
     def plain(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -85,6 +85,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        track_grad_stats: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -118,6 +119,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            track_grad_stats=track_grad_stats,
         )
 
     def _group_setdefaults(self) -> dict[str, Any]:

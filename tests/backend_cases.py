@@ -90,6 +90,7 @@ class Case:
         for name, flat in self.group.states.items():
             twin.group.states[name] = flat.clone()
         twin.master = self.master
+        twin.grad_stats = None
         twin.rounding_seed = self.rounding_seed
         return twin
 
@@ -99,7 +100,9 @@ class Case:
     def states(self, name):
         return [self.group.state_view(name, i) for i in range(len(self.params))]
 
-    def batch(self, use_buffer, grads, normaliser=0.25, grad_scale=0.5, scalars=None):
+    def batch(
+        self, use_buffer, grads, normaliser=0.25, grad_scale=0.5, scalars=None, grad_stats=None
+    ):
         device_scalars = None
         if scalars is not None:
             device_scalars = torch.tensor(scalars, dtype=torch.float64, device=self.group.device)
@@ -113,7 +116,17 @@ class Case:
             masters=self.states("master_param") if self.master else None,
             rounding_seed=self.rounding_seed,
             device_scalars=device_scalars,
+            grad_stats=grad_stats,
         )
+
+    def stats(self, wanted: bool) -> torch.Tensor | None:
+        """A gradient statistics table for the step, with values already in it (the
+        step adds to them), kept to compare; None when not ``wanted``."""
+        if not wanted:
+            return None
+        values = torch.rand(len(self.params), 4, generator=torch.Generator().manual_seed(7))
+        self.grad_stats = (values * 0.1).to(self.group.device)
+        return self.grad_stats
 
     def assert_matches(self, reference: Case) -> None:
         for index, (param, expected) in enumerate(zip(self.params, reference.params, strict=True)):
@@ -127,27 +140,30 @@ class Case:
         assert_same(self.group.buffer, reference.group.buffer, "flat buffer")
         for name, flat in self.group.states.items():
             assert_same(flat, reference.group.states[name], f"flat {name}")
+        expected_stats = getattr(reference, "grad_stats", None)
+        if expected_stats is not None:
+            torch.testing.assert_close(self.grad_stats, expected_stats, rtol=1e-4, atol=1e-6)
 
 
 def run_accumulate(backend, shapes, param_dtype, overwrite, device="cpu", sum_sq=False):
-    """With ``sum_sq``, the sum of squares of the new buffers is asked for too, added
-    to a value already there."""
+    """With ``sum_sq``, the sums of squares of the new buffers and of the gradients are
+    asked for too, added to values already there."""
     case = Case(shapes, param_dtype, device)
     reference = case.twin()
     grads = [torch.randn(shape, device=device).to(param_dtype) for shape in shapes]
     found_inf = torch.zeros(1, device=device)
-    sums = [torch.full((1,), 2.5, device=device) if sum_sq else None for _ in range(2)]
-    backend.accumulate(
-        case.buffers(), grads, scale=0.75, overwrite=overwrite, found_inf=found_inf, sum_sq=sums[0]
-    )
-    REFERENCE.accumulate(
-        reference.buffers(), grads, scale=0.75, overwrite=overwrite, sum_sq=sums[1]
-    )
+    sums = [torch.full((1,), 2.5, device=device) if sum_sq else None for _ in range(4)]
+    backend.accumulate(case.buffers(), grads, scale=0.75, overwrite=overwrite,
+                       found_inf=found_inf, sum_sq=sums[0], grad_sum_sq=sums[2])  # fmt: skip
+    REFERENCE.accumulate(reference.buffers(), grads, scale=0.75, overwrite=overwrite,
+                         sum_sq=sums[1], grad_sum_sq=sums[3])  # fmt: skip
     case.assert_matches(reference)
     assert found_inf.item() == 0.0
     if sum_sq:
-        assert sums[1].item() > 2.5
-        assert math.isclose(sums[0].item(), sums[1].item(), rel_tol=1e-5), sums
+        for ours, expected in ((sums[0], sums[1]), (sums[2], sums[3])):
+            assert expected.item() > 2.5
+            assert math.isclose(ours.item(), expected.item(), rel_tol=1e-5), sums
+        assert not math.isclose(sums[0].item(), sums[2].item(), rel_tol=1e-3), "the same sum?"
 
 
 def run_found_inf(backend, shapes, param_dtype, bad_value, position, device="cpu", overwrite=False):
@@ -174,6 +190,7 @@ def run_sgd(
     master=False,
     stochastic=False,
     scalars=None,
+    stats=False,
 ):
     case = Case(
         shapes, param_dtype, device, ("momentum_buffer",), master=master, stochastic=stochastic
@@ -186,7 +203,7 @@ def run_sgd(
     )
     for target, implementation in ((case, backend), (reference, REFERENCE)):
         implementation.sgd_step(
-            target.batch(use_buffer, grads, scalars=scalars),
+            target.batch(use_buffer, grads, scalars=scalars, grad_stats=target.stats(stats)),
             target.states("momentum_buffer") if flags["momentum"] else None,
             lr=0.1,
             init_momentum=init_momentum,
@@ -207,6 +224,7 @@ def run_adam(
     master=False,
     stochastic=False,
     scalars=None,
+    stats=False,
 ):
     names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     case = Case(shapes, param_dtype, device, names, master=master, stochastic=stochastic)
@@ -218,7 +236,7 @@ def run_adam(
     )
     for target, implementation in ((case, backend), (reference, REFERENCE)):
         implementation.adam_step(
-            target.batch(use_buffer, grads, scalars=scalars),
+            target.batch(use_buffer, grads, scalars=scalars, grad_stats=target.stats(stats)),
             target.states("exp_avg"),
             target.states("exp_avg_sq"),
             target.states("max_exp_avg_sq") if flags["amsgrad"] else None,
@@ -265,3 +283,10 @@ def step_cases():
         yield "adam", dict(flags=ADAM_FLAGS[2], step=1, scalars=scalars, **batch)
         skip = [1, math.nan, math.nan, math.nan]
         yield "adam", dict(flags=ADAM_FLAGS[3], step=4, scalars=skip, **batch)
+
+    # gradient statistics, with a factor, and skipped
+    for use_buffer, has_grads in BATCH_KINDS:
+        batch = dict(use_buffer=use_buffer, has_grads=has_grads, stats=True)
+        yield "sgd", dict(flags=SGD_FLAGS[2], init_momentum=False, **batch)
+        yield "adam", dict(flags=ADAM_FLAGS[2], step=2, scalars=[0, 0.37, 0.0123, 0.71], **batch)
+        yield "adam", dict(flags=ADAM_FLAGS[0], step=2, scalars=[1, math.nan, math.nan, 1], **batch)

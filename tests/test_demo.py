@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from fused_accum.demo import run_demo
 
 
@@ -16,9 +18,22 @@ def test_demo_matches_the_large_batch_and_the_plain_loop_does_not():
     assert abs(fused.loss - large_batch.loss) < 1e-5
 
 
-def test_demo_command_line():
+def test_demo_command_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
     result = subprocess.run(
-        [sys.executable, "-m", "fused_accum", "demo", "--windows", "5", "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "fused_accum",
+            "demo",
+            "--windows",
+            "5",
+            "--device",
+            "cpu",
+            "--plots",
+            str(plots),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -27,3 +42,5 @@ def test_demo_command_line():
     assert "5 updates of a 32-256-1 MLP on cpu" in result.stdout
     assert "fused_accum, weighted micro-batches" in result.stdout
     assert "peak memory of the process" in result.stdout
+    for name in ("grad_flow.png", "grad_norms.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

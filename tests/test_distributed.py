@@ -6,6 +6,7 @@ bit for bit; collectives run only at window boundaries; DDP with no_sync works b
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -146,6 +147,9 @@ def _worker(rank: int, world: int, folder: str) -> None:
                 optimizer.step()
         results["ddp"] = [p.detach().clone() for p in model.parameters()]
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+        del ddp, optimizer
+        gc.collect()
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
 

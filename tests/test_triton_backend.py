@@ -10,7 +10,9 @@ import torch
 from backend_cases import (
     ADAM_FLAGS,
     BATCH_KINDS,
+    REFERENCE,
     SGD_FLAGS,
+    Case,
     run_accumulate,
     run_adam,
     run_found_inf,
@@ -88,15 +90,65 @@ def test_cases_cover_every_flag():
         + 2 * len(BATCH_KINDS)  # master weights
         + 2 * len(BATCH_KINDS)  # stochastic rounding
         + 4 * len(BATCH_KINDS)  # device scalars
+        + 3 * len(BATCH_KINDS)  # gradient statistics
     )
     assert {name for name, kwargs in cases if kwargs.get("master")} == {"sgd", "adam"}
     for skip in (0, 1):  # device scalars that apply a factor, and that skip the step
         with_skip = {name for name, kwargs in cases if (kwargs.get("scalars") or [-1])[0] == skip}
         assert with_skip == {"sgd", "adam"}, skip
+    stats = [(name, kwargs) for name, kwargs in cases if kwargs.get("stats")]
+    assert {name for name, _ in stats} == {"sgd", "adam"}
+    assert {(name, (kwargs.get("scalars") or [0])[0]) for name, kwargs in stats} >= {
+        ("sgd", 0),
+        ("adam", 0),
+        ("adam", 1),  # with a skipped step among them
+    }
+    for use_buffer, has_grads in BATCH_KINDS:  # with and without fresh gradients
+        assert any(
+            (kwargs["use_buffer"], kwargs["has_grads"]) == (use_buffer, has_grads)
+            for _, kwargs in stats
+        )
     for key in ("momentum", "dampening", "weight_decay", "nesterov", "maximize"):
         assert any(kwargs["flags"][key] for name, kwargs in cases if name == "sgd"), key
     for key in ("weight_decay", "decoupled_weight_decay", "amsgrad", "maximize"):
         assert any(kwargs["flags"][key] for name, kwargs in cases if name == "adam"), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skipped"])
+def test_grad_stats_maximum_lets_nan_win(backend, device, skip):
+    """Column 2 is a running maximum of |g| in which NaN wins, also from a tensor's
+    masked last block and over a value already there; -inf counts as inf; a
+    skipped step leaves every row alone, bit for bit (a -0.0 there would turn into
+    0.0 if zeros were added), NaN gradient or not."""
+    shapes = [(130,), (5,), (300,), (7,), (129,)]
+    case = Case(shapes, torch.float32, device, ("momentum_buffer",))
+    reference = case.twin()
+    grads = [torch.randn(shape, device=device) for shape in shapes]
+    grads[0][-1] = math.nan  # the last element, in the masked block
+    grads[1][2] = -math.inf
+    grads[4][-1] = -1e3  # the largest magnitude, in the masked block
+    initial = torch.full((len(shapes), 4), 0.5, device=device)
+    initial[2, 2] = 1e30  # larger than any |g|: kept
+    initial[3, 2] = math.nan  # kept
+    initial[4] = -0.0
+    scalars = [1 if skip else 0, 0.37]
+    for target, implementation in ((case, backend), (reference, REFERENCE)):
+        target.grad_stats = initial.clone()
+        implementation.sgd_step(
+            target.batch(True, grads, scalars=scalars, grad_stats=target.grad_stats),
+            None, lr=0.1, init_momentum=False, **SGD_FLAGS[0],
+        )  # fmt: skip
+    ours, expected = case.grad_stats, reference.grad_stats
+    reference.grad_stats = None  # compared here, NaN included
+    case.assert_matches(reference)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6, equal_nan=True)
+    if skip:
+        assert torch.equal(ours.view(torch.int32), initial.view(torch.int32))
+    else:
+        assert math.isnan(ours[0, 2]) and math.isinf(ours[1, 2])
+        assert ours[2, 2] == 1e30 and math.isnan(ours[3, 2])
+        assert ours[4, 2] == pytest.approx(0.37 * 0.5 * 1e3, abs=2)  # grad_scale 0.5
 
 
 OPTIMIZERS = [

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# the extras of each kernel's variants (triton_ptx.py): none, then more and more
+ACCUMULATE_EXTRAS = ("", "sum_sq", "sum_sq+grad_sum_sq")
+STEP_EXTRAS = ("", "scalars", "scalars+stats")
+
 
 @pytest.fixture(scope="module")
 def ptx_facts():
@@ -31,8 +35,9 @@ def ptx_facts():
 def test_every_variant_compiles(ptx_facts):
     kernels = {(f["kernel"], f["arch"]) for f in ptx_facts}
     assert kernels == {(k, a) for k in ("accumulate", "sgd", "adam") for a in (80, 90)}
-    assert len(ptx_facts) == 3 * 2 * 2 * 3 * 2
-    assert {f["extra"] for f in ptx_facts} == {False, True}
+    assert len(ptx_facts) == 3 * 2 * 2 * 3 * 3
+    assert {f["extra"] for f in ptx_facts if f["kernel"] == "accumulate"} == set(ACCUMULATE_EXTRAS)
+    assert {f["extra"] for f in ptx_facts if f["kernel"] != "accumulate"} == set(STEP_EXTRAS)
 
 
 def test_memory_access_is_vectorised_without_spills(ptx_facts):
@@ -42,17 +47,24 @@ def test_memory_access_is_vectorised_without_spills(ptx_facts):
 
 
 def test_extras_keep_the_memory_access_of_the_plain_kernels(ptx_facts):
-    """sum_sq and device scalars (whose skip flag masks every access) leave the vector
-    loads and stores as they are; sum_sq costs one atomic per program, nothing else
-    has any."""
-    plain = {(f["kernel"], f["arch"], f["variant"]): f for f in ptx_facts if not f["extra"]}
+    """sum_sq, grad_sum_sq, device scalars (whose skip flag masks every access) and
+    gradient statistics leave the vector loads and stores as they are; the sums and
+    statistics cost atomics (one per program and total), nothing else has any."""
+    facts_of = {(f["kernel"], f["arch"], f["variant"], f["extra"]): f for f in ptx_facts}
     for facts in ptx_facts:
-        if facts["extra"]:
-            base = plain[facts["kernel"], facts["arch"], facts["variant"]]
-            assert facts["vector_loads"] == base["vector_loads"], (facts, base)
-            assert facts["vector_stores"] == base["vector_stores"], (facts, base)
-        sums = facts["kernel"] == "accumulate" and facts["extra"]
-        assert (facts["atomics"] > 0) == sums, facts
+        base = facts_of[facts["kernel"], facts["arch"], facts["variant"], ""]
+        assert facts["vector_loads"] == base["vector_loads"], (facts, base)
+        assert facts["vector_stores"] == base["vector_stores"], (facts, base)
+        sums = {"sum_sq", "grad_sum_sq", "stats"} & set(facts["extra"].split("+"))
+        assert (facts["atomics"] > 0) == bool(sums), facts
+        # the running maximum of the statistics: an integer atomic max on the fp32 bits
+        assert (facts["integer_atomic_max"] > 0) == ("stats" in sums), facts
+    for kernel, extras in (("accumulate", ACCUMULATE_EXTRAS), ("sgd", STEP_EXTRAS),
+                           ("adam", STEP_EXTRAS)):  # fmt: skip
+        for facts in ptx_facts:
+            if facts["kernel"] == kernel and facts["extra"] == extras[2]:
+                fewer = facts_of[kernel, facts["arch"], facts["variant"], extras[1]]
+                assert facts["atomics"] > fewer["atomics"], (facts, fewer)
 
 
 def test_adam_rounds_like_torch(ptx_facts):

@@ -50,8 +50,9 @@ def _facts(name, arch, variant, extra, ptx):
         "kernel": name,
         "arch": arch,
         "variant": variant,
-        "extra": extra,  # the variant asks for sum_sq / device scalars
+        "extra": extra,  # what the variant asks for beyond the plain kernel, "+"-joined
         "atomics": len(re.findall(r"(?:atom|red)\.global", ptx)),
+        "integer_atomic_max": len(re.findall(r"(?:atom|red)\.global(?:\.[a-z]+)*\.max\.s32", ptx)),
         "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "vector_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "local_memory": ".local" in ptx,
@@ -74,16 +75,26 @@ def _operands(table, param_dtype, acc):
         "master_ptr": flat,
         "found_inf_ptr": "*fp32",
         "sum_sq_ptr": "*fp32",
+        "grad_sum_sq_ptr": "*fp32",
+        "stats_ptr": "*fp32",
         "scalars_ptr": "*fp64",
     }
 
 
+# what each level of extras asks for, per kernel: nothing (the plain kernel), then more
+ACCUMULATE_EXTRAS = ("", "sum_sq", "sum_sq+grad_sum_sq")
+STEP_EXTRAS = ("", "scalars", "scalars+stats")
+
+
 def variants():
-    """(kernel, arch, variant, extra, ptx); ``extra``: with sum_sq for accumulate, with
-    device scalars for the steps."""
+    """(kernel, arch, variant, extra, ptx); ``extra`` names the optional outputs and
+    inputs compiled in ("" for none): ACCUMULATE_EXTRAS for accumulate, STEP_EXTRAS
+    (device scalars, gradient statistics) for the steps."""
     dtypes = ("fp32", "bf16", "fp16")
-    for arch, table, dtype, extra in itertools.product((80, 90), (True, False), dtypes, (0, 1)):
-        extra = bool(extra)
+    for arch, table, dtype, level in itertools.product(
+        (80, 90), (True, False), dtypes, range(len(STEP_EXTRAS))
+    ):
+        extra = ACCUMULATE_EXTRAS[level]
         operands = _operands(table, dtype, "fp32")
         common = dict(POINTER_TABLE=table, BLOCK=1024)
         variant = f"{dtype} table={table}"
@@ -91,12 +102,15 @@ def variants():
             "accumulate", arch, variant, extra,
             _compile(kernels.accumulate_kernel, arch, operands,
                      dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True,
-                          HAS_SUM_SQ=extra)),
+                          HAS_SUM_SQ="sum_sq" in extra.split("+"),
+                          HAS_GRAD_SUM_SQ="grad_sum_sq" in extra.split("+"))),
         )  # fmt: skip
+        extra = STEP_EXTRAS[level]
         step = dict(common, PARAM_DTYPE=TL[dtype], GRAD_DTYPE=TL[dtype], USE_BUFFER=True,
                     HAS_GRADS=True, HAS_WEIGHT_DECAY=True, MAXIMIZE=True,
                     HAS_MASTER=dtype == "fp16", STOCHASTIC=dtype == "bf16",
-                    HAS_DEVICE_SCALARS=extra)  # fmt: skip
+                    HAS_DEVICE_SCALARS="scalars" in extra.split("+"),
+                    HAS_GRAD_STATS="stats" in extra.split("+"))  # fmt: skip
         yield (
             "sgd", arch, variant, extra,
             _compile(kernels.sgd_kernel, arch, operands,

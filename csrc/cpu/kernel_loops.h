@@ -54,20 +54,27 @@ struct F16 {
 template <typename G, bool OVERWRITE, bool CHECK, bool SQUARES = false>
 bool accumulate_chunk(typename G::acc* __restrict buffer,
                       const typename G::storage* __restrict grad, int64_t n,
-                      typename G::acc scale, double* squares = nullptr) {
+                      typename G::acc scale, double* squares = nullptr,
+                      double* grad_squares = nullptr) {
   using acc = typename G::acc;
   int nonfinite = 0;
-  acc square_sum = 0;
-#pragma omp simd reduction(| : nonfinite) reduction(+ : square_sum)
+  acc square_sum = 0, grad_square_sum = 0;
+#pragma omp simd reduction(| : nonfinite) reduction(+ : square_sum, grad_square_sum)
   for (int64_t i = 0; i < n; ++i) {
     const acc value = G::load(grad[i]);
     if constexpr (CHECK) nonfinite |= !(value - value == acc(0));
     acc sum = value * scale;
     if constexpr (!OVERWRITE) sum += buffer[i];
     buffer[i] = sum;
-    if constexpr (SQUARES) square_sum += sum * sum;
+    if constexpr (SQUARES) {
+      square_sum += sum * sum;
+      grad_square_sum += value * value;
+    }
   }
-  if constexpr (SQUARES) *squares += double(square_sum);
+  if constexpr (SQUARES) {
+    if (squares != nullptr) *squares += double(square_sum);
+    if (grad_squares != nullptr) *grad_squares += double(grad_square_sum);
+  }
   return nonfinite != 0;
 }
 
@@ -190,9 +197,6 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
   }
 }
 
-// Entry points: one per op and element format, taking untyped pointers and the
-// host-side arguments, and choosing the loop instantiation for the flags. kernels.cpp
-// calls them through function pointers picked once for the CPU's instruction set.
 // Calls fn(std::true_type{}) or fn(std::false_type{}): a run-time flag made a template
 // argument, so that each combination gets its own vectorised loop.
 template <typename Fn>
@@ -226,20 +230,21 @@ bool overwrite_streaming(float* __restrict buffer, const typename G::storage* __
   return accumulate_chunk<G, true, CHECK>(buffer + i, grad + i, n - i, scale) || nonfinite != 0;
 }
 
-// `squares`: nullptr, or where to add the sum of squares of the new buffer values.
+// `squares`, `grad_squares`: nullptr, or where to add the sum of squares of the new
+// buffer values, of the gradients.
 template <typename G>
 bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, bool overwrite,
-                      bool check, bool stream, double* squares) {
+                      bool check, bool stream, double* squares, double* grad_squares) {
   using acc = typename G::acc;
   auto* sums = static_cast<acc*>(buffer);
   const auto* grads = static_cast<const typename G::storage*>(grad);
   const acc factor = acc(scale);
-  if (squares != nullptr) {
+  if (squares != nullptr || grad_squares != nullptr) {
     bool nonfinite = false;
     with_flag(overwrite, [&](auto first) {
       with_flag(check, [&](auto checked) {
         nonfinite = accumulate_chunk<G, decltype(first)::value, decltype(checked)::value, true>(
-            sums, grads, n, factor, squares);
+            sums, grads, n, factor, squares, grad_squares);
       });
     });
     return nonfinite;
@@ -343,11 +348,59 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
   }
 }
 
+// The statistics of a chunk's applied gradient, added into `out`: [sum |g|, sum g^2,
+// max |g| (NaN wins), sum grad^2 of the fresh gradient]. A separate loop that reads the
+// chunk's buffer and gradient into the cache just before the step's loop reads them
+// again: no extra pass over memory, and the step loops keep one instantiation.
+template <typename P, bool USE_BUFFER, bool HAS_GRADS>
+void gradient_stats(const void* buffer, const void* grad, int64_t n, const StepArgs& a,
+                    double* out) {
+  using acc = typename P::acc;
+  const auto* b = static_cast<const acc*>(buffer);
+  const auto* g = static_cast<const typename P::storage*>(grad);
+  const acc normaliser = acc(a.normaliser), grad_scale = acc(a.grad_scale);
+  const acc factor = acc(a.device_scalars ? a.device_scalars[1] : 1);
+  acc abs_sum = 0, square_sum = 0, abs_max = 0, fresh_sum = 0;
+  int nan = 0;
+#pragma omp simd reduction(+ : abs_sum, square_sum, fresh_sum) reduction(max : abs_max) \
+    reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc magnitude =
+        std::abs(applied_gradient<P, USE_BUFFER, HAS_GRADS>(b, g, i, normaliser, grad_scale, factor));
+    abs_sum += magnitude;
+    square_sum += magnitude * magnitude;
+    abs_max = magnitude > abs_max ? magnitude : abs_max;
+    nan |= magnitude != magnitude;
+    if constexpr (HAS_GRADS) {
+      const acc fresh = P::load(g[i]);
+      fresh_sum += fresh * fresh;
+    }
+  }
+  out[0] += double(abs_sum);
+  out[1] += double(square_sum);
+  out[2] = (nan || out[2] != out[2]) ? double(NAN) : std::max(out[2], double(abs_max));
+  out[3] += double(fresh_sum);
+}
+
+// Entry points: one per op and element format, taking untyped pointers and the
+// host-side arguments, and choosing the loop instantiation for the flags. kernels.cpp
+// calls them through function pointers picked once for the CPU's instruction set.
+
 // The step entry: `state` holds the momentum buffer (SGD) or the three moments (Adam);
-// `master` the fp32 master copy, or nullptr.
+// `master` the fp32 master copy, or nullptr; `stats` where to add the chunk's gradient
+// statistics (see gradient_stats), or nullptr.
 template <typename P>
 void step_entry(void* param, const void* buffer, const void* grad, void* const* state,
-                void* master, int64_t flat_begin, int64_t n, const StepArgs& a) {
+                void* master, int64_t flat_begin, int64_t n, const StepArgs& a, double* stats) {
+  if (stats != nullptr) {
+    if (a.use_buffer && a.has_grads) {
+      gradient_stats<P, true, true>(buffer, grad, n, a, stats);
+    } else if (a.use_buffer) {
+      gradient_stats<P, true, false>(buffer, grad, n, a, stats);
+    } else {
+      gradient_stats<P, false, true>(buffer, grad, n, a, stats);
+    }
+  }
   if (a.adam) {
     auto adam = [&](auto use_buffer, auto has_grads) {
       adam_flags<P, decltype(use_buffer)::value, decltype(has_grads)::value>(
@@ -368,18 +421,18 @@ void step_entry(void* param, const void* buffer, const void* grad, void* const* 
 
 // Instantiated here, so that they are compiled for this file's instruction set.
 template bool accumulate_entry<F32>(void*, const void*, int64_t, double, bool, bool, bool,
-                                      double*);
+                                      double*, double*);
 template bool accumulate_entry<F64>(void*, const void*, int64_t, double, bool, bool, bool,
-                                      double*);
+                                      double*, double*);
 template bool accumulate_entry<BF16>(void*, const void*, int64_t, double, bool, bool, bool,
-                                      double*);
+                                      double*, double*);
 template bool accumulate_entry<F16>(void*, const void*, int64_t, double, bool, bool, bool,
-                                      double*);
+                                      double*, double*);
 template void step_entry<F32>(void*, const void*, const void*, void* const*, void*, int64_t,
-                                int64_t, const StepArgs&);
+                                int64_t, const StepArgs&, double*);
 template void step_entry<F64>(void*, const void*, const void*, void* const*, void*, int64_t,
-                                int64_t, const StepArgs&);
+                                int64_t, const StepArgs&, double*);
 template void step_entry<BF16>(void*, const void*, const void*, void* const*, void*, int64_t,
-                                int64_t, const StepArgs&);
+                                int64_t, const StepArgs&, double*);
 template void step_entry<F16>(void*, const void*, const void*, void* const*, void*, int64_t,
-                                int64_t, const StepArgs&);
+                                int64_t, const StepArgs&, double*);

@@ -83,9 +83,10 @@ InstructionSet instruction_set() {
 #endif
 }
 
-using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool, bool, double*);
+using AccumulateFn = bool (*)(void*, const void*, int64_t, double, bool, bool, bool, double*,
+                              double*);
 using StepFn = void (*)(void*, const void*, const void*, void* const*, void*, int64_t, int64_t,
-                       const StepArgs&);
+                       const StepArgs&, double*);
 
 #ifdef FUSED_ACCUM_HAVE_X86_VARIANTS
 #define FUSED_ACCUM_PICK(function, format)                                   \
@@ -163,7 +164,8 @@ inline void* at_element(const at::Tensor& tensor, int64_t offset) {
 
 void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& sum_sq) {
+                const std::optional<at::Tensor>& sum_sq,
+                const std::optional<at::Tensor>& grad_sum_sq) {
   TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
               " gradients for ", buffers.size(), " buffers");
   if (grads.empty()) return;
@@ -176,35 +178,38 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
                     found_inf->device().is_cpu(),
                 "fused_accum: found_inf must be a one-element float32 CPU tensor");
   }
-  if (sum_sq.has_value()) {
-    TORCH_CHECK(sum_sq->numel() == 1 && sum_sq->scalar_type() == at::kFloat &&
-                    sum_sq->device().is_cpu(),
-                "fused_accum: sum_sq must be a one-element float32 CPU tensor");
+  for (const auto* sums : {&sum_sq, &grad_sum_sq}) {
+    TORCH_CHECK(!sums->has_value() || ((*sums)->numel() == 1 &&
+                                       (*sums)->scalar_type() == at::kFloat &&
+                                       (*sums)->device().is_cpu()),
+                "fused_accum: ", sums == &sum_sq ? "sum_sq" : "grad_sum_sq",
+                " must be a one-element float32 CPU tensor");
   }
   const AccumulateFn run = accumulate_function(dtype);
   const bool check = found_inf.has_value();
   int64_t buffer_bytes = 0;
   for (const auto& buffer : buffers) buffer_bytes += buffer.numel() * buffer.element_size();
-  const bool squares = sum_sq.has_value();
+  const bool squares = sum_sq.has_value() || grad_sum_sq.has_value();
   const bool stream = overwrite && !squares && buffer_bytes >= kStreamingBytes;
   const std::vector<Chunk> chunks = chunks_of(grads);
-  // one partial sum per chunk, added up in order afterwards: the same total every run
-  std::vector<double> chunk_squares(squares ? chunks.size() : 0, 0.0);
+  // partial sums per chunk (of the new buffer values, of the gradients), added up in
+  // order afterwards: the same totals every run
+  std::vector<double> partials(squares ? 2 * chunks.size() : 0, 0.0);
   std::atomic<bool> nonfinite{false};
   for_each_chunk(chunks, [&](const Chunk& chunk) {
-    double* partial = squares ? &chunk_squares[size_t(&chunk - chunks.data())] : nullptr;
+    double* partial = squares ? &partials[2 * size_t(&chunk - chunks.data())] : nullptr;
     if (run(at_element(buffers[chunk.tensor], chunk.begin),
             at_element(grads[chunk.tensor], chunk.begin), chunk.size, scale, overwrite, check,
-            stream, partial)) {
+            stream, sum_sq.has_value() ? partial : nullptr,
+            grad_sum_sq.has_value() ? partial + 1 : nullptr)) {
       nonfinite.store(true, std::memory_order_relaxed);
     }
   });
   if (nonfinite.load()) found_inf->fill_(1.0);
-  if (squares) {
-    double total = 0;
-    for (const double partial : chunk_squares) total += partial;
-    sum_sq->add_(total);
-  }
+  double totals[2] = {0, 0};
+  for (size_t i = 0; i < partials.size(); ++i) totals[i % 2] += partials[i];
+  if (sum_sq.has_value()) sum_sq->add_(totals[0]);
+  if (grad_sum_sq.has_value()) grad_sum_sq->add_(totals[1]);
 }
 
 void step(at::TensorList params, at::TensorList buffers, const std::optional<at::TensorList>& grads,
@@ -212,7 +217,10 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
   // a window skipped for a non-finite gradient: write nothing
   if (args.device_scalars != nullptr && args.device_scalars[0] != 0) return;
   const StepFn run = step_function(params[0].scalar_type());
-  for_each_chunk(chunks_of(params), [&](const Chunk& chunk) {
+  const std::vector<Chunk> chunks = chunks_of(params);
+  // per chunk: [sum |g|, sum g^2, max |g|, sum grad^2], folded into the rows afterwards
+  std::vector<double> stats(args.grad_stats != nullptr ? 4 * chunks.size() : 0, 0.0);
+  for_each_chunk(chunks, [&](const Chunk& chunk) {
     void* state[3] = {nullptr, nullptr, nullptr};
     for (size_t s = 0; s < states.size(); ++s) {
       if (!states[s].empty()) state[s] = at_element(states[s][chunk.tensor], chunk.begin);
@@ -220,10 +228,21 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
     const void* grad = grads.has_value() ? at_element((*grads)[chunk.tensor], chunk.begin) : nullptr;
     void* master = masters.empty() ? nullptr : at_element(masters[chunk.tensor], chunk.begin);
     const int64_t flat_begin = buffers[chunk.tensor].storage_offset() + chunk.begin;
+    double* chunk_stats =
+        stats.empty() ? nullptr : &stats[4 * size_t(&chunk - chunks.data())];
     run(at_element(params[chunk.tensor], chunk.begin),
         at_element(buffers[chunk.tensor], chunk.begin), grad, state, master, flat_begin,
-        chunk.size, args);
+        chunk.size, args, chunk_stats);
   });
+  for (size_t c = 0; c < chunks.size() && !stats.empty(); ++c) {
+    float* row = args.grad_stats + 4 * chunks[c].tensor;
+    const double* chunk_stats = &stats[4 * c];
+    row[0] += float(chunk_stats[0]);
+    row[1] += float(chunk_stats[1]);
+    const bool nan = chunk_stats[2] != chunk_stats[2] || row[2] != row[2];
+    row[2] = nan ? NAN : std::max(row[2], float(chunk_stats[2]));
+    row[3] += float(chunk_stats[3]);
+  }
 }
 
 }  // namespace

@@ -7,6 +7,9 @@
 //
 // Steps may take their skip flag, gradient factor and bias corrections from device
 // memory (StepArgs::device_scalars): each thread reads them once, with no host sync.
+// Sums over the elements (sum_sq, grad_sum_sq, the gradient statistics of a step) are
+// reduced per block and added with one atomic per value and block; each is behind a
+// template flag, so that calls without it run the plain loops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,6 +45,7 @@ template <int DEPTH>
 struct TensorTable {
   void* address[DEPTH][max_tensors<DEPTH>()];
   int64_t numel[max_tensors<DEPTH>()];
+  int index[max_tensors<DEPTH>()];  // the tensor's position in the call's lists
   unsigned char tensor_of_block[kMaxBlocks];
   int chunk_of_block[kMaxBlocks];
 };
@@ -83,11 +87,13 @@ void for_each_element(const std::vector<std::vector<void*>>& operands, at::Tenso
     if (numel == 0) continue;
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     TORCH_CHECK(chunks <= INT32_MAX, "fused_accum: tensor ", t, " is too large");
+    TORCH_CHECK(t <= size_t(INT32_MAX), "fused_accum: too many tensors");
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       if (chunk == 0 || blocks == 0) {  // (re)register the tensor in this launch's table
         if (tensors == max_tensors<DEPTH>()) launch();
         for (int d = 0; d < DEPTH; ++d) table.address[d][tensors] = operands[d][t];
         table.numel[tensors] = numel;
+        table.index[tensors] = static_cast<int>(t);
         ++tensors;
       }
       table.tensor_of_block[blocks] = static_cast<unsigned char>(tensors - 1);
@@ -109,45 +115,92 @@ __device__ __forceinline__ bool finite(A value) {
   return value - value == A(0);
 }
 
-// Adds the block's `value`s to `*total`: warp shuffles, then the warps' sums through
-// shared memory, and one atomic per block. Every thread of the block must call it.
+// The larger of two non-negative values, NaN winning (as torch.maximum).
 template <typename A>
-__device__ __forceinline__ void add_block_sum(A value, float* total) {
-  constexpr int kWarps = kThreads / 32;
-  constexpr unsigned kAll = 0xFFFFFFFFu;
-  __shared__ A warp_sums[kWarps];
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kAll, value, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();
-  if (warp != 0) return;
-  value = lane < kWarps ? warp_sums[lane] : A(0);
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(kAll, value, offset);
-  if (lane == 0) atomicAdd(total, static_cast<float>(value));
+__device__ __forceinline__ A max_nan(A a, A b) {
+  return (a < b || b != b) ? b : a;
 }
 
-// SUM_SQ: add the squares of the new buffer values to *sum_sq (a template flag, so that
-// calls without it do no extra work).
-template <typename G, typename A, bool SUM_SQ>
+// One step of the block reduction: value k is summed, or maxed (NaN winning) for
+// k == MAX_INDEX.
+template <int MAX_INDEX, typename A, int N>
+__device__ __forceinline__ void reduce_warp(A (&values)[N]) {
+  constexpr unsigned kAll = 0xFFFFFFFFu;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A other = __shfl_down_sync(kAll, values[k], offset);
+      values[k] = k == MAX_INDEX ? max_nan(values[k], other) : values[k] + other;
+    }
+  }
+}
+
+// Reduces the block's `values` (warp shuffles, then the warps' results through shared
+// memory): true in the one thread that then holds the block's totals. Every thread of
+// the block must call it, at most once per kernel for each <A, N> (its shared memory).
+// The maxed value must be non-negative or NaN (0 is its identity).
+template <int MAX_INDEX = -1, typename A, int N>
+__device__ __forceinline__ bool reduce_block(A (&values)[N]) {
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps <= 32, "one warp reduces the warps' results");
+  __shared__ A partial[N][kWarps];
+  reduce_warp<MAX_INDEX>(values);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) partial[k][warp] = values[k];
+  }
+  __syncthreads();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int k = 0; k < N; ++k) values[k] = lane < kWarps ? partial[k][lane] : A(0);
+  reduce_warp<MAX_INDEX>(values);
+  return lane == 0;
+}
+
+// *target = max(*target, value) for a non-negative (or NaN) `value`, NaN winning: the
+// int bits of non-negative floats order as the floats, and a NaN with its sign bit
+// cleared is above inf. (A negative *target is below any such value.)
+__device__ __forceinline__ void atomic_max_magnitude(float* target, float value) {
+  atomicMax(reinterpret_cast<int*>(target), __float_as_int(value) & 0x7FFFFFFF);
+}
+
+// SUM_SQ: add the squares of the new buffer values to *sum_sq; GRAD_SQ: add the squares
+// of the gradients as given (before `scale`) to *grad_sum_sq (template flags, so that
+// calls without them do no extra work).
+template <typename G, typename A, bool SUM_SQ, bool GRAD_SQ>
 struct Accumulate {
   A scale;
   bool overwrite;
   float* found_inf;
   float* sum_sq;
+  float* grad_sum_sq;
   template <typename Table>
   __device__ void operator()(const Table& table, int t, int64_t start, int64_t end) const {
     auto* buffer = static_cast<A*>(table.address[0][t]);
     const auto* grad = static_cast<const G*>(table.address[1][t]);
-    A squares = 0;
+    A squares = 0, grad_squares = 0;
     for (int64_t i = start; i < end; i += kThreads) {
       const A value = static_cast<A>(grad[i]);
       if (found_inf != nullptr && !finite(value)) *found_inf = 1.f;
+      if constexpr (GRAD_SQ) grad_squares += value * value;
       A sum = value * scale;
       if (!overwrite) sum += buffer[i];
       buffer[i] = sum;
       if constexpr (SUM_SQ) squares += sum * sum;
     }
-    if constexpr (SUM_SQ) add_block_sum(squares, sum_sq);
+    if constexpr (SUM_SQ && GRAD_SQ) {
+      A totals[2] = {squares, grad_squares};
+      if (reduce_block(totals)) {
+        atomicAdd(sum_sq, static_cast<float>(totals[0]));
+        atomicAdd(grad_sum_sq, static_cast<float>(totals[1]));
+      }
+    } else if constexpr (SUM_SQ || GRAD_SQ) {
+      A totals[1] = {SUM_SQ ? squares : grad_squares};
+      float* total = SUM_SQ ? sum_sq : grad_sum_sq;
+      if (reduce_block(totals)) atomicAdd(total, static_cast<float>(totals[0]));
+    }
   }
 };
 
@@ -172,15 +225,53 @@ struct StepScalars {
   }
 };
 
-// The gradient an update applies: the window's sum and the fresh gradient, times the
-// device's gradient factor before the sign of maximize, as in the reference.
+// The fresh gradient of element i widened, when the step has grads (else 0, not read).
 template <typename P, typename A>
-__device__ __forceinline__ A applied_gradient(const A* buffer, const P* grad, int64_t i,
+__device__ __forceinline__ A fresh_gradient(const P* grad, int64_t i, const StepArgs& a) {
+  return a.has_grads ? static_cast<A>(grad[i]) : A(0);
+}
+
+// The gradient an update applies, before the sign of maximize: the window's sum and the
+// fresh gradient, times the device's gradient factor, as in the reference.
+template <typename A>
+__device__ __forceinline__ A applied_gradient(const A* buffer, A fresh, int64_t i,
                                               const StepArgs& a, A grad_factor) {
   A gradient = a.use_buffer ? buffer[i] * A(a.normaliser) : A(0);
-  if (a.has_grads) gradient += static_cast<A>(grad[i]) * A(a.grad_scale);
-  gradient *= grad_factor;
-  return a.maximize ? -gradient : gradient;
+  if (a.has_grads) gradient += fresh * A(a.grad_scale);
+  return gradient * grad_factor;
+}
+
+// A block's share of one row of the gradient statistics (spec.StepBatch.grad_stats):
+// [sum |g|, sum g^2, max |g| (NaN wins), sum grad^2] over its elements, with g the
+// applied gradient before the sign of maximize and grad the fresh gradient.
+template <typename A>
+struct GradStats {
+  A abs_sum = 0, square_sum = 0, abs_max = 0, fresh_sum = 0;
+
+  __device__ __forceinline__ void add(A gradient, A fresh) {
+    const A magnitude = fabs(gradient);
+    abs_sum += magnitude;
+    square_sum += magnitude * magnitude;
+    abs_max = max_nan(abs_max, magnitude);
+    fresh_sum += fresh * fresh;  // 0 without grads
+  }
+
+  // Adds the block's totals to `row`, column 3 only when the step has grads. Every
+  // thread of the block must call it.
+  __device__ __forceinline__ void add_to(float* row, bool has_grads) const {
+    A totals[4] = {abs_sum, square_sum, abs_max, fresh_sum};
+    if (!reduce_block<2>(totals)) return;
+    atomicAdd(row + 0, static_cast<float>(totals[0]));
+    atomicAdd(row + 1, static_cast<float>(totals[1]));
+    atomic_max_magnitude(row + 2, static_cast<float>(totals[2]));
+    if (has_grads) atomicAdd(row + 3, static_cast<float>(totals[3]));
+  }
+};
+
+// Row `t` of the launch's table in the statistics table.
+template <typename Table>
+__device__ __forceinline__ float* stats_row(const Table& table, int t, const StepArgs& a) {
+  return a.grad_stats + 4 * int64_t(table.index[t]);
 }
 
 // Where an update starts: the fp32 master when there is one, else the parameter.
@@ -208,7 +299,9 @@ __device__ __forceinline__ void store_param(A value, P* param, A* master, const 
   param[i] = static_cast<P>(value);
 }
 
-template <typename P, typename A>
+// STATS: add the gradient statistics to a.grad_stats (a template flag, so that steps
+// without them run the plain loop).
+template <typename P, typename A, bool STATS>
 struct Sgd {
   StepArgs a;
   template <typename Table>
@@ -220,8 +313,12 @@ struct Sgd {
     const auto* grad = static_cast<const P*>(table.address[2][t]);
     auto* momentum_buffer = static_cast<A*>(table.address[3][t]);
     auto* master = static_cast<A*>(table.address[4][t]);
+    GradStats<A> stats;
     for (int64_t i = start; i < end; i += kThreads) {
-      A gradient = applied_gradient<P, A>(buffer, grad, i, a, scalars.grad_factor);
+      const A fresh = fresh_gradient<P, A>(grad, i, a);
+      A gradient = applied_gradient<A>(buffer, fresh, i, a, scalars.grad_factor);
+      if constexpr (STATS) stats.add(gradient, fresh);
+      if (a.maximize) gradient = -gradient;
       A value = load_param<P, A>(param, master, i);
       if (a.weight_decay != 0) gradient += A(a.weight_decay) * value;
       if (a.momentum != 0) {
@@ -234,10 +331,11 @@ struct Sgd {
       value -= A(a.lr) * gradient;
       store_param<P, A>(value, param, master, buffer, i, a);
     }
+    if constexpr (STATS) stats.add_to(stats_row(table, t, a), a.has_grads);
   }
 };
 
-template <typename P, typename A>
+template <typename P, typename A, bool STATS>
 struct Adam {
   StepArgs a;
   template <typename Table>
@@ -251,8 +349,12 @@ struct Adam {
     auto* exp_avg_sq = static_cast<A*>(table.address[4][t]);
     auto* max_exp_avg_sq = static_cast<A*>(table.address[5][t]);
     auto* master = static_cast<A*>(table.address[6][t]);
+    GradStats<A> stats;
     for (int64_t i = start; i < end; i += kThreads) {
-      A gradient = applied_gradient<P, A>(buffer, grad, i, a, scalars.grad_factor);
+      const A fresh = fresh_gradient<P, A>(grad, i, a);
+      A gradient = applied_gradient<A>(buffer, fresh, i, a, scalars.grad_factor);
+      if constexpr (STATS) stats.add(gradient, fresh);
+      if (a.maximize) gradient = -gradient;
       A value = load_param<P, A>(param, master, i);
       if (a.weight_decay != 0) {
         if (a.decoupled_weight_decay) {
@@ -276,6 +378,7 @@ struct Adam {
       value -= scalars.step_size * (first / denominator);
       store_param<P, A>(value, param, master, buffer, i, a);
     }
+    if constexpr (STATS) stats.add_to(stats_row(table, t, a), a.has_grads);
   }
 };
 
@@ -298,7 +401,8 @@ float* one_float(const std::optional<at::Tensor>& tensor, const at::Device& devi
 
 void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool overwrite,
                 const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& sum_sq) {
+                const std::optional<at::Tensor>& sum_sq,
+                const std::optional<at::Tensor>& grad_sum_sq) {
   TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
               " gradients for ", buffers.size(), " buffers");
   if (grads.empty()) return;
@@ -310,17 +414,25 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   check_device(buffers, device, "buffers");
   float* flag = one_float(found_inf, device, "found_inf");
   float* squares = one_float(sum_sq, device, "sum_sq");
+  float* grad_squares = one_float(grad_sum_sq, device, "grad_sum_sq");
   const c10::cuda::CUDAGuard guard(device);
   const std::vector<std::vector<void*>> operands = {addresses(buffers, buffers.size()),
                                                     addresses(grads, grads.size())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_accum_accumulate", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (squares != nullptr) {
-      for_each_element<2>(operands, grads,
-                          Accumulate<scalar_t, A, true>{A(scale), overwrite, flag, squares});
+    auto run = [&](auto sum_sq_flag, auto grad_sq_flag) {
+      using Op = Accumulate<scalar_t, A, decltype(sum_sq_flag)::value,
+                            decltype(grad_sq_flag)::value>;
+      for_each_element<2>(operands, grads, Op{A(scale), overwrite, flag, squares, grad_squares});
+    };
+    if (squares != nullptr && grad_squares != nullptr) {
+      run(std::true_type{}, std::true_type{});
+    } else if (squares != nullptr) {
+      run(std::true_type{}, std::false_type{});
+    } else if (grad_squares != nullptr) {
+      run(std::false_type{}, std::true_type{});
     } else {
-      for_each_element<2>(operands, grads,
-                          Accumulate<scalar_t, A, false>{A(scale), overwrite, flag, nullptr});
+      run(std::false_type{}, std::false_type{});
     }
   });
 }
@@ -339,10 +451,19 @@ void step(at::TensorList params, at::TensorList buffers, const std::optional<at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
                                   "fused_accum_step", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const bool stats = args.grad_stats != nullptr;
     if (args.adam) {
-      for_each_element<7>(operands, params, Adam<scalar_t, A>{args});
+      if (stats) {
+        for_each_element<7>(operands, params, Adam<scalar_t, A, true>{args});
+      } else {
+        for_each_element<7>(operands, params, Adam<scalar_t, A, false>{args});
+      }
     } else {
-      for_each_element<5>(operands, params, Sgd<scalar_t, A>{args});
+      if (stats) {
+        for_each_element<5>(operands, params, Sgd<scalar_t, A, true>{args});
+      } else {
+        for_each_element<5>(operands, params, Sgd<scalar_t, A, false>{args});
+      }
     }
   });
 }

@@ -79,9 +79,12 @@ class CompiledBackend:
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
         sum_sq: torch.Tensor | None = None,
+        grad_sum_sq: torch.Tensor | None = None,
     ) -> None:
         grads = [like_buffer(g, b) for g, b in zip(grads, buffers, strict=True)]
-        self._ops.accumulate(buffers, grads, float(scale), overwrite, found_inf, sum_sq)
+        self._ops.accumulate(
+            buffers, grads, float(scale), overwrite, found_inf, sum_sq, grad_sum_sq
+        )
 
     def _operands(self, batch: StepBatch):
         params = [like_buffer(p, b) for p, b in zip(batch.params, batch.buffers, strict=True)]
@@ -109,7 +112,7 @@ class CompiledBackend:
             batch.use_buffer,
             float(batch.normaliser), float(batch.grad_scale), float(lr), float(momentum),
             float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
-            _seed(batch), batch.device_scalars,
+            _seed(batch), batch.device_scalars, batch.grad_stats,
         )  # fmt: skip
         write_back(batch.params, params)
 
@@ -137,5 +140,6 @@ class CompiledBackend:
             float(batch.grad_scale), int(step), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay),
             decoupled_weight_decay, amsgrad, maximize, _seed(batch), batch.device_scalars,
+            batch.grad_stats,
         )  # fmt: skip
         write_back(batch.params, params)

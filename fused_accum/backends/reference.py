@@ -26,7 +26,21 @@ def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
         gradient = (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
     if batch.device_scalars is not None:
         gradient.mul_(batch.device_scalars[1].to(buffer.dtype))
+    if batch.grad_stats is not None:
+        _add_grad_stats(batch, index, gradient)
     return gradient
+
+
+def _add_grad_stats(batch: StepBatch, index: int, gradient: torch.Tensor) -> None:
+    """Row ``index`` of ``batch.grad_stats``: [sum |g|, sum g**2, max |g|, sum grad**2]."""
+    row = batch.grad_stats[index]
+    magnitude = gradient.float().abs()
+    row[0] += magnitude.sum()
+    row[1] += magnitude.square().sum()
+    if magnitude.numel():
+        torch.maximum(row[2], magnitude.max(), out=row[2])
+    if batch.grads is not None:
+        row[3] += batch.grads[index].float().square().sum()
 
 
 @contextmanager
@@ -91,6 +105,8 @@ def _store(batch: StepBatch, index: int, working: torch.Tensor) -> None:
 def _written(batch: StepBatch, *states: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """Every tensor a step on ``batch`` writes."""
     written = list(batch.params) + list(batch.masters or [])
+    if batch.grad_stats is not None:
+        written.append(batch.grad_stats)
     for state in states:
         written += state or []
     return written
@@ -110,8 +126,11 @@ class ReferenceBackend:
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
         sum_sq: torch.Tensor | None = None,
+        grad_sum_sq: torch.Tensor | None = None,
     ) -> None:
         for buffer, grad in zip(buffers, grads, strict=True):
+            if grad_sum_sq is not None:
+                grad_sum_sq.add_(grad.double().square().sum().to(grad_sum_sq.dtype))
             grad = grad.to(buffer.dtype)
             if found_inf is not None:
                 nonfinite = torch.isfinite(grad).logical_not_().any()

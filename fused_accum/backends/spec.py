@@ -4,14 +4,16 @@ All arithmetic is done in the accumulation dtype of the buffers (fp32, or fp64 f
 parameters); gradients and parameters are read in their own dtype and converted on
 load, parameters are rounded once on store.
 
-``accumulate(buffers, grads, scale, overwrite, found_inf, sum_sq)``
+``accumulate(buffers, grads, scale, overwrite, found_inf, sum_sq, grad_sum_sq)``
     ``buffer = buffer + scale * grad`` for each pair, or ``buffer = scale * grad`` when
     ``overwrite`` (the first contribution of a window: the buffer is not read). When
     ``found_inf`` (a one-element fp32 tensor on the buffers' device) is given, it is set
     to 1 if any gradient element is not finite, and left alone otherwise. When
     ``sum_sq`` (a one-element fp32 tensor on the buffers' device) is given, the sum of
     the squares of the buffers' new values is added to it (in fp32 or wider, in any
-    order): the global gradient norm for clipping comes out of this pass.
+    order): the global gradient norm for clipping comes out of this pass. When
+    ``grad_sum_sq`` (likewise) is given, the sum of the squares of the gradients as
+    given (widened to fp32, before ``scale``) is added to it: a micro-step's norm.
 
 ``sgd_step(batch, momentum_buffers, ...)`` and ``adam_step(batch, ...)``
     Apply one update to each parameter of ``batch`` from its applied gradient
@@ -75,6 +77,15 @@ class StepBatch:
     Adam uses ``step_size`` (``lr / (1 - beta1**step)``) and ``bias_correction2_sqrt``
     (``(1 - beta2**step) ** 0.5``) from here instead of computing them from ``step``.
     Without it: no skip, a factor of 1, bias corrections from ``step``."""
+    grad_stats: torch.Tensor | None = None
+    """None, or a contiguous fp32 tensor of shape ``(len(params), 4)`` on the
+    parameters' device, which the step adds its gradient statistics to. Row i, over
+    the elements of parameter i, with g its applied gradient (after ``grad_factor``,
+    before the maximize sign and weight decay): ``[sum |g|, sum g**2, max |g|, sum
+    grad**2]``; column 2 becomes the maximum of its value and max |g| (NaN wins), the
+    others are added to; column 3 is the fresh gradient's sum of squares (as given,
+    widened to fp32; nothing is added without ``grads``). A skipped step leaves it
+    alone. Any order of summation."""
 
 
 def stochastic_noise_reference(index: int, seed: int) -> int:

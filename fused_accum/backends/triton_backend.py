@@ -8,8 +8,9 @@ the operands are staged into one flat copy laid out like the buffers, and the
 parameters are copied back after the launch (a skipped step leaves the staged copy
 unchanged, so the copy-back leaves the parameters bit for bit as they were).
 
-Nothing here reads a device tensor on the host: ``found_inf``, ``sum_sq`` and
-``StepBatch.device_scalars`` go to the kernels as pointers, so no call synchronises.
+Nothing here reads a device tensor on the host: ``found_inf``, ``sum_sq``,
+``grad_sum_sq``, ``StepBatch.device_scalars`` and ``StepBatch.grad_stats`` go to the
+kernels as pointers, so no call synchronises.
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ class TritonBackend:
         overwrite: bool,
         found_inf: torch.Tensor | None = None,
         sum_sq: torch.Tensor | None = None,
+        grad_sum_sq: torch.Tensor | None = None,
     ) -> None:
         if not buffers:
             return
@@ -248,6 +250,7 @@ class TritonBackend:
             grad_operand.offsets,
             base if found_inf is None else found_inf,
             base if sum_sq is None else sum_sq,
+            base if grad_sum_sq is None else grad_sum_sq,
             *layout.args(),
             float(scale),
             GRAD_DTYPE=_tl_dtype(grads[0].dtype),
@@ -255,6 +258,7 @@ class TritonBackend:
             OVERWRITE=overwrite,
             CHECK_FINITE=found_inf is not None,
             HAS_SUM_SQ=sum_sq is not None,
+            HAS_GRAD_SUM_SQ=grad_sum_sq is not None,
         )
 
     def _step_operands(self, batch: StepBatch):
@@ -274,6 +278,7 @@ class TritonBackend:
             HAS_MASTER=batch.masters is not None,
             STOCHASTIC=batch.rounding_seed is not None,
             HAS_DEVICE_SCALARS=batch.device_scalars is not None,
+            HAS_GRAD_STATS=batch.grad_stats is not None,
         )
 
     def _master_base(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
@@ -284,6 +289,21 @@ class TritonBackend:
         """The float64 device scalars, or (unused) the buffer. Passed as a pointer: the
         kernels read them, the host never does."""
         return base if batch.device_scalars is None else batch.device_scalars
+
+    def _stats(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
+        """The fp32 gradient statistics table, rows added to by the kernels, or (unused)
+        the buffer."""
+        if batch.grad_stats is None:
+            return base
+        stats = batch.grad_stats
+        if stats.dtype != torch.float32 or stats.shape != (len(batch.params), 4):
+            raise ValueError(
+                f"grad_stats must be fp32 of shape ({len(batch.params)}, 4), "
+                f"not {stats.dtype} {tuple(stats.shape)}"
+            )
+        if not stats.is_contiguous() or stats.device != base.device:
+            raise ValueError("grad_stats must be contiguous, on the parameters' device")
+        return stats
 
     def sgd_step(
         self,
@@ -315,6 +335,7 @@ class TritonBackend:
             momentum_base,
             self._master_base(batch, base),
             self._scalars(batch, base),
+            self._stats(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),
@@ -366,6 +387,7 @@ class TritonBackend:
             exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
             self._master_base(batch, base),
             self._scalars(batch, base),
+            self._stats(batch, base),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_scale),

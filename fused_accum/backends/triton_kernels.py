@@ -23,6 +23,13 @@ through a pointer, under ``HAS_DEVICE_SCALARS``: a set skip flag masks off every
 and store of the program, so a skipped step writes nothing and the host never reads
 the flag. Without the flag (and without ``HAS_SUM_SQ`` for accumulate) the kernels
 load nothing more than before.
+
+Sums over many programs (accumulate's ``sum_sq`` and ``grad_sum_sq``, the steps'
+``grad_stats``, spec.StepBatch) are reduced within each program and added with one
+atomic per program and total, under constexpr flags: without them no atomic is
+compiled in. The running maximum of ``grad_stats`` is an integer atomic max on the
+fp32 bits of non-negative values, which orders them as floats and makes NaN (above
+inf) win, compiled and interpreted alike.
 """
 
 from __future__ import annotations
@@ -140,6 +147,31 @@ def _round_param(x, flat, seed, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask,
+                    HAS_GRADS: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr):  # fmt: skip
+    """Row ``tensor`` of the gradient statistics (spec.StepBatch.grad_stats) from this
+    program's block: [sum |g|, sum g**2, max |g|, sum grad**2] for the applied gradient
+    ``gradient`` and the fresh one ``grad`` (loaded as 0 where masked off). Lanes
+    outside ``mask`` add nothing; with a set skip flag nothing is written."""
+    # |g| as bits, sign cleared: for non-negative floats integer order is float order,
+    # and NaN's bits lie above inf's, so the integer max lets NaN win
+    bits = gradient.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if mask is not None:
+        bits = tl.where(mask, bits, 0)
+    magnitude = bits.to(tl.float32, bitcast=True)
+    row = stats_ptr + tensor.to(tl.int64) * 4
+    keep = None
+    if HAS_DEVICE_SCALARS:
+        keep = tl.load(scalars_ptr) == 0  # a skipped step leaves the row alone
+    tl.atomic_add(row, tl.sum(magnitude, axis=0), mask=keep, sem="relaxed")
+    tl.atomic_add(row + 1, tl.sum(magnitude * magnitude, axis=0), mask=keep, sem="relaxed")
+    maximum_ptr = (row + 2).to(tl.pointer_type(tl.int32), bitcast=True)
+    tl.atomic_max(maximum_ptr, tl.max(bits, axis=0), mask=keep, sem="relaxed")
+    if HAS_GRADS:
+        tl.atomic_add(row + 3, tl.sum(grad * grad, axis=0), mask=keep, sem="relaxed")
+
+
+@triton.jit
 def _applied_gradient(
     buffer_ptr,
     grads,
@@ -151,15 +183,17 @@ def _applied_gradient(
     normaliser,
     grad_scale,
     scalars_ptr,
+    stats_ptr,
     GRAD_DTYPE: tl.constexpr,
     POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
     HAS_DEVICE_SCALARS: tl.constexpr,
+    HAS_GRAD_STATS: tl.constexpr,
 ):
     """normaliser * buffer (if USE_BUFFER) + grad_scale * grad (if HAS_GRADS), times
     the device's grad_factor (if HAS_DEVICE_SCALARS); the host never asks for
-    neither term."""
+    neither term. Its statistics go to stats_ptr (if HAS_GRAD_STATS)."""
     if HAS_GRADS:
         address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
         grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
@@ -171,6 +205,11 @@ def _applied_gradient(
         gradient = grad * grad_scale
     if HAS_DEVICE_SCALARS:
         gradient *= _device_scalar(scalars_ptr, 1)
+    if HAS_GRAD_STATS:
+        if not HAS_GRADS:
+            grad = gradient  # unused
+        _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask, HAS_GRADS,
+                        HAS_DEVICE_SCALARS)  # fmt: skip
     return gradient
 
 
@@ -179,9 +218,10 @@ def _applied_gradient(
 
 @triton.jit
 def _accumulate_block(
-    buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat, mask,
-    scale, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, OVERWRITE: tl.constexpr,
-    CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
+    buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+    local, flat, mask, scale, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
+    OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
+    HAS_GRAD_SUM_SQ: tl.constexpr,
 ):  # fmt: skip
     address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
     grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
@@ -189,6 +229,9 @@ def _accumulate_block(
         nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
         if tl.max(nonfinite.to(tl.int32), axis=0) > 0:
             tl.store(found_inf_ptr, 1.0)
+    if HAS_GRAD_SUM_SQ:
+        # the gradient as given, widened, before the scale; masked-off elements are 0
+        tl.atomic_add(grad_sum_sq_ptr, tl.sum(grad * grad, axis=0), sem="relaxed")
     contribution = grad * scale
     if not OVERWRITE:
         contribution += _load(buffer_ptr + flat, mask)
@@ -206,6 +249,7 @@ def accumulate_kernel(
     grad_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
     sum_sq_ptr,  # one fp32 total, the squares of the new buffer values added to it
+    grad_sum_sq_ptr,  # one fp32 total, the squares of the gradients added to it
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -216,6 +260,7 @@ def accumulate_kernel(
     OVERWRITE: tl.constexpr,  # first contribution of the window: do not read the buffer
     CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
     HAS_SUM_SQ: tl.constexpr,  # add to sum_sq
+    HAS_GRAD_SUM_SQ: tl.constexpr,  # add to grad_sum_sq
     BLOCK: tl.constexpr,  # elements per program
 ):
     tensor, local, flat, numel, whole = _block(
@@ -223,32 +268,35 @@ def accumulate_kernel(
     )
     if whole:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat,
-            None, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE, HAS_SUM_SQ,
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            local, flat, None, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+            HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
     else:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, tensor, local, flat,
-            local < numel, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
-            HAS_SUM_SQ,
+            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            local, flat, local < numel, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE,
+            CHECK_FINITE, HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
 
 
 @triton.jit
 def _sgd_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-    scalars_ptr, tensor, local, flat, mask, normaliser, grad_scale, lr, momentum,
+    scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_scale, lr, momentum,
     one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr,
+    HAS_GRAD_STATS: tl.constexpr,
 ):  # fmt: skip
     if HAS_DEVICE_SCALARS:
         mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
-        scalars_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_DEVICE_SCALARS,
+        scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
@@ -286,6 +334,7 @@ def sgd_kernel(
     momentum_ptr,  # flat momentum buffers
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
+    stats_ptr,  # fp32 [tensors, 4] gradient statistics, added to (HAS_GRAD_STATS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -310,6 +359,7 @@ def sgd_kernel(
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
+    HAS_GRAD_STATS: tl.constexpr,  # add the applied gradient's statistics to stats_ptr
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -318,31 +368,31 @@ def sgd_kernel(
     if whole:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            scalars_ptr, tensor, local, flat, None, normaliser, grad_scale, lr, momentum,
-            one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
-            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM, NESTEROV,
-            MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
+            scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_scale, lr,
+            momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
+            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
+            NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
     else:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            scalars_ptr, tensor, local, flat, local < numel, normaliser, grad_scale, lr,
-            momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
+            scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_scale,
+            lr, momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
-            NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
+            NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
 
 
 @triton.jit
 def _adam_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-    max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, mask, normaliser,
-    grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-    step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
+    max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, mask,
+    normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr, HAS_GRAD_STATS: tl.constexpr,
 ):  # fmt: skip
     if HAS_DEVICE_SCALARS:
         mask = _unless_skipped(mask, scalars_ptr)
@@ -350,7 +400,8 @@ def _adam_block(
         bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
         buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
-        scalars_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_DEVICE_SCALARS,
+        scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
@@ -394,6 +445,7 @@ def adam_kernel(
     max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
+    stats_ptr,  # fp32 [tensors, 4] gradient statistics, added to (HAS_GRAD_STATS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -421,6 +473,7 @@ def adam_kernel(
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
+    HAS_GRAD_STATS: tl.constexpr,  # add the applied gradient's statistics to stats_ptr
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -429,18 +482,18 @@ def adam_kernel(
     if whole:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, None, normaliser,
-            grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
-            step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE, POINTER_TABLE,
-            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, HAS_MASTER,
-            STOCHASTIC, HAS_DEVICE_SCALARS,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, None,
+            normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
+            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+            HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
     else:
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, tensor, local, flat, local < numel,
-            normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-            decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
-            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD,
-            MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat,
+            local < numel, normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+            weight_decay, decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE,
+            GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED,
+            AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip

@@ -1,0 +1,99 @@
+"""Gradient statistics (``track_grad_stats=True``): what the kernels leave on the device
+about each window's gradients, collected here and read on the host only when asked.
+
+Per parameter, of the window's applied gradient g (the mean, after clipping and
+unscaling): mean |g|, max |g| and the L2 norm; these come out of the step kernels
+(``StepBatch.grad_stats``). Per micro-step, the norm of the gradient it brought
+(``accumulate(grad_sum_sq=)``, or the step's column of the fresh gradient's squares for
+a last micro-step that is accumulated and applied in one pass). Per applied window, the
+global norm of the applied gradient, kept as a history for plotting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class GradStatsTracker:
+    def __init__(self) -> None:
+        self._micro_steps: list[tuple[dict[torch.device, torch.Tensor], Any]] = []
+        self._open: dict[torch.device, torch.Tensor] | None = None
+        self._open_scale: Any = 1.0
+        self._tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self.last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self.last_micro_step_norms: torch.Tensor | None = None
+        self._history: torch.Tensor | None = None
+        self._history_length = 0
+
+    # ------------------------------------------------------------------ collecting
+
+    def micro_step_sums(
+        self, devices: list[torch.device], inverse_scale: Any
+    ) -> dict[torch.device, torch.Tensor]:
+        """Where the current micro-step's accumulate calls add the squares of their
+        gradients (one fp32 element per device); ``inverse_scale`` (a number or a
+        device tensor) unscales the gradients' norm."""
+        if self._open is None:
+            self._open = {device: torch.zeros(1, device=device) for device in devices}
+            self._open_scale = inverse_scale
+        return self._open
+
+    def open_sums(self) -> dict[torch.device, torch.Tensor] | None:
+        """The current micro-step's sums, if it has any."""
+        return self._open
+
+    def close_micro_step(self) -> None:
+        """The micro-step is over: its sums are final (a step() call)."""
+        if self._open is not None:
+            self._micro_steps.append((self._open, self._open_scale))
+        self._open = None
+
+    def table(self, params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """A zeroed (len(params), 4) table for one step batch to add its statistics to."""
+        table = torch.zeros(len(params), 4, device=device)
+        self._tables.append((list(params), table))
+        return table
+
+    def end_window(self, applied: bool) -> None:
+        """The window ended; keep what it left if an update was applied."""
+        self.close_micro_step()
+        if applied and self._tables:
+            self._finish()
+        self.discard()
+
+    def discard(self) -> None:
+        self._micro_steps, self._tables, self._open = [], [], None
+
+    def _finish(self) -> None:
+        home = self._tables[0][1].device
+        norms = []
+        for index, (sums, scale) in enumerate(self._micro_steps):
+            total = torch.stack([s.to(home).reshape(()) for s in sums.values()]).sum()
+            if index == len(self._micro_steps) - 1:
+                # the last micro-step's gradients that the step kernels read directly
+                total = total + sum(t[:, 3].sum().to(home) for _, t in self._tables)
+            norms.append(total * scale * scale)
+        if not self._micro_steps:  # a flush: no micro-step since the last window
+            norms = [torch.zeros((), device=home)]
+        self.last_micro_step_norms = torch.stack(norms).sqrt()
+        self.last_tables = self._tables
+        window_norm = torch.stack([t[:, 1].sum().to(home) for _, t in self._tables]).sum().sqrt()
+        self._append_history(window_norm)
+
+    def _append_history(self, norm: torch.Tensor) -> None:
+        if self._history is None or self._history_length == self._history.numel():
+            grown = torch.empty(max(64, 2 * self._history_length), device=norm.device)
+            if self._history is not None:
+                grown[: self._history_length] = self._history
+            self._history = grown
+        self._history[self._history_length] = norm
+        self._history_length += 1
+
+    # -------------------------------------------------------------------- reading
+
+    def history(self) -> torch.Tensor:
+        if self._history is None:
+            return torch.empty(0)
+        return self._history[: self._history_length]
