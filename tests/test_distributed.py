@@ -213,6 +213,9 @@ def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
         except ValueError as error:
             messages.append(str(error))
         torch.save(messages, os.path.join(folder, f"rank{rank}.pt"))
+        del optimizer, params
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
