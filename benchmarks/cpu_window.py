@@ -80,7 +80,7 @@ def eager_window(dtype):
 def classic_window(dtype, clip=False):
     params = _params(dtype)
     grads = _grads(params)
-    fresh = [torch.empty_like(g) for g in grads]  # what autograd hands over, stolen as .grad
+    fresh = [g.clone() for g in grads]  # what autograd hands over, stolen as .grad
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True)
 
     def window():

@@ -48,7 +48,9 @@ def check_max_grad_norm(value: Any) -> float | None:
     """``max_grad_norm``: None (no clipping) or a positive finite number."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"max_grad_norm must be a number or None, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"max_grad_norm must be positive and finite, got {value}")

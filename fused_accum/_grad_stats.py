@@ -56,10 +56,15 @@ class GradStatsTracker:
         self._tables.append((list(params), table))
         return table
 
-    def end_window(self, applied: bool) -> None:
-        """The window ended; keep what it left if an update was applied."""
+    def end_window(self, applied: bool, skip: torch.Tensor | None = None) -> None:
+        """The window ended; keep what it left if an update was applied. ``skip``: the
+        device's skip flag of a window that may have been skipped there; its statistics
+        then read NaN (decided on the device, not read here)."""
         self.close_micro_step()
         if applied and self._tables:
+            if skip is not None:
+                for _, table in self._tables:
+                    table.copy_(torch.where(skip.to(table.device) != 0, torch.nan, table))
             self._finish()
         self.discard()
 

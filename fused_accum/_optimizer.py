@@ -325,8 +325,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     @property
     def grad_norm(self) -> torch.Tensor | None:
         """With ``max_grad_norm``: the global L2 norm of the last window's mean gradient
-        before clipping, as ``clip_grad_norm_`` returns it (a device tensor; not finite
-        for a skipped window). None before the first update or without clipping."""
+        before clipping, as ``clip_grad_norm_`` returns it (a device tensor, fp32; not
+        finite for a window skipped for an overflow of this rank's gradients). None
+        before the first update or without clipping."""
         return self._grad_norm
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -387,7 +388,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     def grad_norm_history(self) -> torch.Tensor:
         """With ``track_grad_stats``: the global L2 norm of the applied gradient of
-        every applied window so far, a device tensor."""
+        every window so far that reached the step, a device tensor (NaN for a window
+        skipped on the device by ``loss_scaling``)."""
         return self._require_grad_stats().history()
 
     def _require_grad_stats(self) -> GradStatsTracker:
@@ -399,7 +401,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     @property
     def update_count(self) -> int:
-        """Updates applied so far, by step() or flush()."""
+        """Updates applied so far, by step() or flush(). With ``loss_scaling`` this
+        counts the windows ended, including those skipped on the device."""
         return self._accumulation.update_count
 
     def set_weight(self, weight: float | torch.Tensor) -> None:
@@ -498,6 +501,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             )
         if self._accumulation.window_micro_steps == 0:
             return False
+        if self._accumulation.overflowed and self._reducer is None:
+            self.discard_window()  # a GradScaler saw an overflow: the window is skipped whole
+            self._accumulation.last_step_applied = False
+            return False
         applied = self._apply_window([], 0.0)
         self._accumulation.last_step_applied = applied
         return applied
@@ -584,7 +591,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 self._step_batch(group, backend, batch, state_key, scalars)
         accumulation.end_window()
         if self._grad_stats is not None:
-            self._grad_stats.end_window(applied=True)
+            skip = None
+            if window_scalars is not None and self._loss_scale is not None:
+                skip = next(iter(window_scalars.values()))[0]
+            self._grad_stats.end_window(applied=True, skip=skip)
         accumulation.update_count += 1
         if self._loss_scale is not None:
             self._loss_scale.end_window()

@@ -41,7 +41,10 @@ class StateDictMixin:
             },
         }
         if self._loss_scale is not None:
-            state_dict["accumulation"]["loss_scale"] = self._loss_scale.state_dict()
+            saved = self._loss_scale.state_dict()
+            state_dict["accumulation"]["loss_scale"] = saved
+            # the buffers hold the window's sums times the loss scale (read once here)
+            state_dict["accumulation"]["buffer_scale"] = float(saved["scale"].item())
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -78,8 +81,30 @@ class StateDictMixin:
         accumulation.last_step_applied = bool(window.get("last_step_applied", False))
         accumulation.overflowed = bool(window.get("overflowed", False))
         self._rounding_seed = int(window.get("rounding_seed", self._rounding_seed))
-        if self._loss_scale is not None and "loss_scale" in window:
-            self._loss_scale.load_state_dict(window["loss_scale"])
+        self._load_loss_scale(window)
+
+    def _load_loss_scale(self, window: dict[str, Any]) -> None:
+        """The loss scale, and the window's sums and overflow flag re-expressed for
+        this optimizer's scaling, whichever scaling (or none) saved them."""
+        accumulation = self._accumulation
+        saved = window.get("loss_scale")
+        if self._loss_scale is not None and saved is not None:
+            self._loss_scale.load_state_dict(saved)
+        saved_overflow = bool(window.get("overflowed", False))
+        if saved is not None:
+            saved_overflow |= bool(saved["found_inf"].item() != 0)
+        if self._loss_scale is not None:
+            self._loss_scale.found_inf.fill_(float(saved_overflow))
+        else:
+            accumulation.overflowed = saved_overflow
+        own_scale = 1.0
+        if self._loss_scale is not None:
+            own_scale = float(self._loss_scale.scale.item())
+        factor = own_scale / float(window.get("buffer_scale", 1.0))
+        if factor != 1.0:
+            for param in self._all_params():
+                if id(param) in accumulation.holds_sum:
+                    accumulation.buffer_view(param).mul_(factor)
 
     def _check_state_dict(
         self, saved_groups: list[dict[str, Any]], saved_state: dict, window: dict

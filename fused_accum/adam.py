@@ -201,13 +201,12 @@ class FusedAccumAdam(FusedAccumOptimizer):
             batch.device_scalars = torch.cat([window_scalars, corrections])
         else:
             step = state_key + 1
-            if window_scalars is not None:
-                corrections = torch.tensor(
-                    [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5], dtype=torch.float64
-                )
-                batch.device_scalars = torch.cat(
-                    [window_scalars, corrections.to(window_scalars.device)]
-                )
+            if window_scalars is not None:  # filled on the device: no copy to wait for
+                scalars = window_scalars.new_empty(4)
+                scalars[:2] = window_scalars
+                scalars[2] = lr / (1 - beta1**step)
+                scalars[3] = (1 - beta2**step) ** 0.5
+                batch.device_scalars = scalars
         backend.adam_step(
             batch,
             [state["exp_avg"] for state in states],

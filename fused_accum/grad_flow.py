@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot():
+def _figure(width: float, height: float):
+    """A matplotlib Figure drawn off screen (Agg), leaving the user's pyplot backend
+    and its figures alone."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib: pip install matplotlib") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
 
 def plot_grad_flow(source: Any, path: str | Path, *, log_scale: bool = True, title: str = ""):
@@ -28,10 +30,9 @@ def plot_grad_flow(source: Any, path: str | Path, *, log_scale: bool = True, tit
     stats = source.grad_stats() if hasattr(source, "grad_stats") else list(source)
     if not stats:
         raise ValueError("no gradient statistics yet: plot after the first applied update")
-    plt = _pyplot()
     names = [row["name"] for row in stats]
     positions = range(len(stats))
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.35 * len(stats) + 2), 4.8))
+    figure, axis = _figure(max(6.0, 0.35 * len(stats) + 2), 4.8)
     axis.bar(positions, [row["max_abs"] for row in stats], alpha=0.35, color="tab:cyan",
              label="max |g|")  # fmt: skip
     axis.bar(positions, [row["mean_abs"] for row in stats], alpha=0.9, color="tab:blue",
@@ -47,7 +48,6 @@ def plot_grad_flow(source: Any, path: str | Path, *, log_scale: bool = True, tit
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return figure
 
 
@@ -61,8 +61,7 @@ def plot_grad_norm_history(source: Any, path: str | Path, *, log_scale: bool = T
     ]
     if not values:
         raise ValueError("no gradient norms yet: plot after the first applied update")
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = _figure(7, 4)
     axis.plot(range(1, len(values) + 1), values, color="tab:red")
     if log_scale:
         axis.set_yscale("log")
@@ -72,5 +71,4 @@ def plot_grad_norm_history(source: Any, path: str | Path, *, log_scale: bool = T
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return figure

@@ -152,3 +152,22 @@ def test_plots_render_to_png(tmp_path):
     assert len(figure.axes[0].lines[0].get_xdata()) == 3  # three applied windows
     with pytest.raises(ValueError, match="no gradient statistics yet"):
         plot_grad_flow([], tmp_path / "empty.png")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_window_skipped_on_the_device_reads_nan(backend):
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    optimizer = FusedAccumAdamW(params, lr=0.01, accumulation_steps=2, loss_scaling=True,
+                                track_grad_stats=True, backend=backend)  # fmt: skip
+    for window in range(2):
+        for micro_step in range(2):
+            for param in params:
+                param.grad = torch.randn_like(param) * optimizer.loss_scale
+            if window == 1 and micro_step == 0:
+                params[2].grad[5] = float("nan")
+            optimizer.step()
+        norms = optimizer.grad_norm_history()
+        stats = optimizer.grad_stats()
+        assert bool(norms[-1].isnan()) == (window == 1)
+        assert all(row["norm"] != row["norm"] for row in stats) == (window == 1)
+    assert torch.isfinite(norms[0])

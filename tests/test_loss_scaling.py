@@ -257,3 +257,36 @@ def test_no_host_sync_on_gpu(backend, optimizer_class):
         torch.cuda.set_sync_debug_mode(0)
     assert optimizer.loss_scale.item() == 2.0**15
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("saver,loader", [(True, False), (False, True)], ids=["off", "on"])
+def test_a_window_moves_between_scaled_and_unscaled_optimizers(saver, loader):
+    """Mid-window, the buffers of a loss-scaled optimizer hold scale * sum: a state dict
+    says so, and an optimizer with the other setting re-expresses them."""
+    models = [_model(), _model()]
+    settings = dict(lr=0.05, momentum=0.9, accumulation_steps=STEPS)
+    first = FusedAccumSGD(models[0].parameters(), loss_scaling=saver, **settings)
+    straight = FusedAccumSGD(models[1].parameters(), loss_scaling=loader, **settings)
+    batches = _batches(1)[0]
+    _train(models[0], first, batches[:2], scaled=saver)
+    _train(models[1], straight, batches[:2], scaled=loader)
+    resumed = FusedAccumSGD(models[0].parameters(), loss_scaling=loader, **settings)
+    resumed.load_state_dict(first.state_dict())
+    _train(models[0], resumed, batches[2:], scaled=loader)
+    _train(models[1], straight, batches[2:], scaled=loader)
+    _assert_trains_alike(models[0], models[1], "torch")
+
+
+def test_flush_skips_a_window_a_grad_scaler_saw_overflow():
+    model = _model()
+    optimizer = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=STEPS)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    for x in _batches(1, poisoned=(0, 1, 1, math.inf))[0][:2]:
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert optimizer.flush() is False and not optimizer.last_step_applied
+    for param, expected in zip(model.parameters(), before, strict=True):
+        assert torch.equal(param, expected)
+    assert optimizer.window_micro_steps == 0

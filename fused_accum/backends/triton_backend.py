@@ -10,7 +10,9 @@ unchanged, so the copy-back leaves the parameters bit for bit as they were).
 
 Nothing here reads a device tensor on the host: ``found_inf``, ``sum_sq``,
 ``grad_sum_sq``, ``StepBatch.device_scalars`` and ``StepBatch.grad_stats`` go to the
-kernels as pointers, so no call synchronises.
+kernels as pointers. The first call with a new set of tensors copies its block and
+address tables to the device, which waits; once they are cached (every window after
+the first, for a fixed model), no call synchronises.
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def _classic_window(shapes, dtype, settings, implementation):
     params, grads = _make_params(shapes, dtype, settings.device)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True)}
     optimizer = torch.optim.AdamW(params, lr=LR, **flags.get(implementation, dict(fused=True)))
-    fresh = [torch.empty_like(g) for g in grads]
+    fresh = [g.clone() for g in grads]
 
     def window():
         for micro_step in range(settings.steps):
