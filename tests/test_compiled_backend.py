@@ -62,6 +62,7 @@ LARGE_SHAPES = [(8_388_609,), (1, 8_388_607), (3,)]
 @pytest.mark.parametrize("dtype", DTYPES[:3], ids=DTYPE_IDS[:3])
 def test_first_micro_step_past_the_cache(device, dtype):
     run_accumulate(_backend(device), LARGE_SHAPES, dtype, True, device)
+    run_accumulate(_backend(device), LARGE_SHAPES, dtype, True, device, sum_sq=True)
     for position in ("first", "middle", "last"):
         run_found_inf(_backend(device), LARGE_SHAPES, dtype, math.nan, position, device, True)
 

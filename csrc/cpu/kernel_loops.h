@@ -211,11 +211,15 @@ inline void with_flag(bool flag, const Fn& fn) {
 // buffer = scale * grad, a cache line at a time through stores that bypass the cache
 // (stream_line): the buffer is not read before the window's next micro-step, so this
 // saves the read of each line that a plain store costs. Needs a 64-byte aligned buffer.
-template <typename G, bool CHECK>
+// With SQUARES, the sums of squares of the new values and of the gradients are added
+// to *squares and *grad_squares (either may be nullptr).
+template <typename G, bool CHECK, bool SQUARES>
 bool overwrite_streaming(float* __restrict buffer, const typename G::storage* __restrict grad,
-                         int64_t n, float scale) {
+                         int64_t n, float scale, double* squares, double* grad_squares) {
   constexpr int64_t kLine = 16;
   int nonfinite = 0;
+  // one running sum per lane, so that the line's loop stays a vector loop
+  alignas(64) float square_lanes[kLine] = {}, grad_square_lanes[kLine] = {};
   int64_t i = 0;
   for (; i + kLine <= n; i += kLine) {
     alignas(64) float line[kLine];
@@ -223,11 +227,26 @@ bool overwrite_streaming(float* __restrict buffer, const typename G::storage* __
       const float value = G::load(grad[i + j]);
       if constexpr (CHECK) nonfinite |= !(value - value == 0.0f);
       line[j] = value * scale;
+      if constexpr (SQUARES) {
+        square_lanes[j] += line[j] * line[j];
+        grad_square_lanes[j] += value * value;
+      }
     }
     stream_line(buffer + i, line);
   }
   stream_fence();
-  return accumulate_chunk<G, true, CHECK>(buffer + i, grad + i, n - i, scale) || nonfinite != 0;
+  if constexpr (SQUARES) {
+    double square_sum = 0, grad_square_sum = 0;
+    for (int64_t j = 0; j < kLine; ++j) {
+      square_sum += square_lanes[j];
+      grad_square_sum += grad_square_lanes[j];
+    }
+    if (squares != nullptr) *squares += square_sum;
+    if (grad_squares != nullptr) *grad_squares += grad_square_sum;
+  }
+  return accumulate_chunk<G, true, CHECK, SQUARES>(buffer + i, grad + i, n - i, scale, squares,
+                                                    grad_squares) ||
+         nonfinite != 0;
 }
 
 // `squares`, `grad_squares`: nullptr, or where to add the sum of squares of the new
@@ -239,6 +258,18 @@ bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, b
   auto* sums = static_cast<acc*>(buffer);
   const auto* grads = static_cast<const typename G::storage*>(grad);
   const acc factor = acc(scale);
+  if constexpr (std::is_same_v<acc, float>) {
+    if (overwrite && stream && reinterpret_cast<uintptr_t>(buffer) % 64 == 0) {
+      bool nonfinite = false;
+      with_flag(check, [&](auto checked) {
+        with_flag(squares != nullptr || grad_squares != nullptr, [&](auto with_squares) {
+          nonfinite = overwrite_streaming<G, decltype(checked)::value, decltype(with_squares)::value>(
+              sums, grads, n, factor, squares, grad_squares);
+        });
+      });
+      return nonfinite;
+    }
+  }
   if (squares != nullptr || grad_squares != nullptr) {
     bool nonfinite = false;
     with_flag(overwrite, [&](auto first) {
@@ -248,12 +279,6 @@ bool accumulate_entry(void* buffer, const void* grad, int64_t n, double scale, b
       });
     });
     return nonfinite;
-  }
-  if constexpr (std::is_same_v<acc, float>) {
-    if (overwrite && stream && reinterpret_cast<uintptr_t>(buffer) % 64 == 0) {
-      return check ? overwrite_streaming<G, true>(sums, grads, n, factor)
-                   : overwrite_streaming<G, false>(sums, grads, n, factor);
-    }
   }
   if (overwrite) {
     return check ? accumulate_chunk<G, true, true>(sums, grads, n, factor)

@@ -190,7 +190,7 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   int64_t buffer_bytes = 0;
   for (const auto& buffer : buffers) buffer_bytes += buffer.numel() * buffer.element_size();
   const bool squares = sum_sq.has_value() || grad_sum_sq.has_value();
-  const bool stream = overwrite && !squares && buffer_bytes >= kStreamingBytes;
+  const bool stream = overwrite && buffer_bytes >= kStreamingBytes;
   const std::vector<Chunk> chunks = chunks_of(grads);
   // partial sums per chunk (of the new buffer values, of the gradients), added up in
   // order afterwards: the same totals every run
