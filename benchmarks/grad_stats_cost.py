@@ -1,0 +1,49 @@
+"""What track_grad_stats=True costs: the fp32 GPT-2-124M window (8 micro-steps + AdamW)
+through the public API with tracking off and on, alternating, in one run.
+
+    python benchmarks/grad_stats_cost.py [--windows 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fused_accum import FusedAccumAdamW
+from fused_accum.bench.shapes import gpt2_124m
+from fused_accum.bench.timing import measure
+
+STEPS = 8
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per setting")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on alternations")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in gpt2_124m()]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    for _ in range(args.rounds):
+        for track in (False, True):
+            optimizer = FusedAccumAdamW(
+                params, lr=1e-4, accumulation_steps=STEPS, track_grad_stats=track
+            )
+
+            def window(optimizer=optimizer):
+                for _ in range(STEPS):
+                    for param, grad in zip(params, grads, strict=True):
+                        param.grad = grad
+                    optimizer.step()
+
+            timing = measure(window, args.windows)
+            print(f"track_grad_stats={track!s:5} median {timing['median_s']:.3f}s "
+                  f"[p20 {timing['p20_s']:.3f}, p80 {timing['p80_s']:.3f}]", flush=True)  # fmt: skip
+            del optimizer, window
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
