@@ -39,8 +39,8 @@ def main(argv=None) -> int:
                     optimizer.step()
 
             timing = measure(window, args.windows)
-            print(f"track_grad_stats={track!s:5} median {timing['median_s']:.3f}s "
-                  f"[p20 {timing['p20_s']:.3f}, p80 {timing['p80_s']:.3f}]", flush=True)  # fmt: skip
+            quantiles = f"[p20 {timing['p20_s']:.3f}, p80 {timing['p80_s']:.3f}]"
+            print(f"track_grad_stats={track!s:5} median {timing['median_s']:.3f}s {quantiles}")
             del optimizer, window
     return 0
 
