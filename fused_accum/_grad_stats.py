@@ -23,7 +23,7 @@ class GradStatsTracker:
         self._open_scale: Any = 1.0
         self._tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         self.last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        self.last_micro_step_norms: torch.Tensor | None = None
+        self._last_micro_steps: list[tuple[dict[torch.device, torch.Tensor], Any]] = []
         self._history: torch.Tensor | None = None
         self._history_length = 0
 
@@ -72,20 +72,33 @@ class GradStatsTracker:
         self._micro_steps, self._tables, self._open = [], [], None
 
     def _finish(self) -> None:
-        home = self._tables[0][1].device
-        norms = []
-        for index, (sums, scale) in enumerate(self._micro_steps):
-            total = torch.stack([s.to(home).reshape(()) for s in sums.values()]).sum()
-            if index == len(self._micro_steps) - 1:
-                # the last micro-step's gradients that the step kernels read directly
-                total = total + sum(t[:, 3].sum().to(home) for _, t in self._tables)
-            norms.append(total * scale * scale)
-        if not self._micro_steps:  # a flush: no micro-step since the last window
-            norms = [torch.zeros((), device=home)]
-        self.last_micro_step_norms = torch.stack(norms).sqrt()
+        # the micro-step norms are formed when asked for (micro_step_norms): only the
+        # window norm is computed per window, for the history
+        self._last_micro_steps = self._micro_steps
         self.last_tables = self._tables
-        window_norm = torch.stack([t[:, 1].sum().to(home) for _, t in self._tables]).sum().sqrt()
+        if len(self._tables) == 1:
+            window_norm = self._tables[0][1][:, 1].sum().sqrt()
+        else:
+            home = self._tables[0][1].device
+            squares = [table[:, 1].sum().to(home) for _, table in self._tables]
+            window_norm = torch.stack(squares).sum().sqrt()
         self._append_history(window_norm)
+
+    def micro_step_norms(self) -> torch.Tensor | None:
+        """The L2 norm of each micro-step's gradient in the last applied window."""
+        if not self.last_tables:
+            return None
+        home = self.last_tables[0][1].device
+        norms = []
+        for index, (sums, scale) in enumerate(self._last_micro_steps):
+            total = torch.stack([s.to(home).reshape(()) for s in sums.values()]).sum()
+            if index == len(self._last_micro_steps) - 1:
+                # the last micro-step's gradients that the step kernels read directly
+                total = total + sum(t[:, 3].sum().to(home) for _, t in self.last_tables)
+            norms.append(total * scale * scale)
+        if not norms:
+            norms = [torch.zeros((), device=home)]
+        return torch.stack(norms).sqrt()
 
     def _append_history(self, norm: torch.Tensor) -> None:
         if self._history is None or self._history_length == self._history.numel():

@@ -384,7 +384,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     def micro_step_grad_norms(self) -> torch.Tensor | None:
         """With ``track_grad_stats``: the L2 norm of each micro-step's gradient in the
         last applied window (unweighted, unscaled; this rank's), a device tensor."""
-        return self._require_grad_stats().last_micro_step_norms
+        return self._require_grad_stats().micro_step_norms()
 
     def grad_norm_history(self) -> torch.Tensor:
         """With ``track_grad_stats``: the global L2 norm of the applied gradient of
