@@ -56,6 +56,11 @@ class AccumulationState:
             grown.add(group)
         return grown
 
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices of the groups, in the order the parameters were added."""
+        return list(dict.fromkeys(device for device, _ in self.groups))
+
     def backend_for(self, param: torch.Tensor) -> Backend:
         return self.backends[(param.device, param.dtype)]
 

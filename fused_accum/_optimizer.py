@@ -123,8 +123,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._folded_since_step = False
         super().__init__(params, defaults)
         if self._loss_scaling is not None:
-            devices = {device for device, _ in self._accumulation.groups}
-            self._loss_scale = DeviceLossScale(self._loss_scaling, devices.pop())
+            self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
         if process_group is not None:
             self._reducer = WindowReducer(process_group)
             check_ranks_agree(self, process_group)
@@ -181,7 +180,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         the window's overflow flag, the scale and the reduced tensors are one device's."""
         if self._loss_scaling is None and self._process_group is None:
             return
-        devices = {device for device, _ in self._accumulation.groups}
+        devices = set(self._accumulation.devices)
         devices |= {p.device for p in params if isinstance(p, torch.Tensor)}
         if len(devices) > 1:
             raise ValueError(
@@ -351,8 +350,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         scale: Any = inverse_loss_scale
         if self._loss_scale is not None:
             scale = self._loss_scale.scale.reshape(()).reciprocal()
-        devices = list(dict.fromkeys(device for device, _ in self._accumulation.groups))
-        return self._grad_stats.micro_step_sums(devices, scale)
+        return self._grad_stats.micro_step_sums(self._accumulation.devices, scale)
 
     def grad_stats(self) -> list[dict[str, Any]]:
         """With ``track_grad_stats``: per parameter updated by the last applied window,
@@ -606,7 +604,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """Per device, the sum of the squares of the window's sums, but for the
         parameters (ids) ``leaving_out``: one pass over those buffers."""
         accumulation = self._accumulation
-        squares = {device: torch.zeros(1, device=device) for device, _ in accumulation.groups}
+        squares = {device: torch.zeros(1, device=device) for device in accumulation.devices}
         for param in self._all_params():
             if id(param) in accumulation.holds_sum and id(param) not in leaving_out:
                 buffer = accumulation.buffer_view(param)
@@ -635,7 +633,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """Decide on the device whether the window is skipped and the factor on its
         mean gradient (clipping coefficient over loss scale): ``[skip, factor]`` as
         float64, per device. Nothing is read on the host."""
-        devices = list(dict.fromkeys(device for device, _ in self._accumulation.groups))
+        devices = self._accumulation.devices
         home = devices[0]
         skip = torch.zeros((), device=home)
         factor = torch.ones((), device=home)

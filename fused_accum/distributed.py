@@ -99,7 +99,7 @@ class WindowReducer:
         """Sum the window over the ranks. Returns (the window's total weight over all
         ranks, whether any rank overflowed), after which every rank's buffers hold the
         same sums and ``accumulation.holds_sum`` the same parameters."""
-        device = next(iter(accumulation.groups))[0]
+        device = accumulation.devices[0]
         local = [
             accumulation.window_weight,
             float(overflowed),
