@@ -67,6 +67,19 @@ def test_first_micro_step_past_the_cache(device, dtype):
         run_found_inf(_backend(device), LARGE_SHAPES, dtype, math.nan, position, device, True)
 
 
+@pytest.mark.parametrize("device", DEVICES[:1])
+def test_first_micro_step_into_an_unaligned_buffer(device):
+    # the line-at-a-time stores need 64-byte aligned lines: a buffer 4 bytes off (any
+    # tensor may be given to the op) takes plain stores instead
+    numel = 2**24 + 5
+    storage = torch.full((numel + 1,), math.nan, device=device)
+    buffer, grad = storage[1:], torch.randn(numel, device=device)
+    assert buffer.data_ptr() % 64 != 0
+    torch.ops.fused_accum.accumulate([buffer], [grad], 0.5, True, None)
+    assert torch.equal(buffer, grad * 0.5)
+    assert storage[0].isnan()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(

@@ -188,9 +188,13 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   const AccumulateFn run = accumulate_function(dtype);
   const bool check = found_inf.has_value();
   int64_t buffer_bytes = 0;
-  for (const auto& buffer : buffers) buffer_bytes += buffer.numel() * buffer.element_size();
+  bool aligned = true;  // the streaming stores write whole, 64-byte aligned lines
+  for (const auto& buffer : buffers) {
+    buffer_bytes += buffer.numel() * buffer.element_size();
+    aligned &= reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 64 == 0;
+  }
   const bool squares = sum_sq.has_value() || grad_sum_sq.has_value();
-  const bool stream = overwrite && buffer_bytes >= kStreamingBytes;
+  const bool stream = overwrite && aligned && buffer_bytes >= kStreamingBytes;
   const std::vector<Chunk> chunks = chunks_of(grads);
   // partial sums per chunk (of the new buffer values, of the gradients), added up in
   // order afterwards: the same totals every run
