@@ -20,6 +20,7 @@ from ._accumulation import AccumulationState
 from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
 from ._grad_stats import GradStatsTracker
 from ._loss_scaling import DeviceLossScale, loss_scaling_settings
+from ._ownership import is_private
 from ._state_dict import StateDictMixin
 from .backends import Backend, StepBatch, check_backend_name
 from .distributed import WindowReducer, check_ranks_agree
@@ -126,6 +127,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
         if process_group is not None:
             self._reducer = WindowReducer(process_group)
+            self._accumulation.adoption = False  # the all-reduce sums the flat buffers
             check_ranks_agree(self, process_group)
 
     # ----------------------------------------------------------------- parameters
@@ -215,7 +217,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         group, index = self._accumulation.slots[id(param)]
-        shape = group.buffer_view(index).shape
+        shape = group.shapes[index]
         # the common case, cheaply: every micro-step checks every parameter
         if (
             grad.layout is torch.strided
@@ -228,11 +230,11 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         if (param.device, param.dtype, param.shape) != (
             group.device,
             group.param_dtype,
-            group.buffer_view(index).shape,
+            shape,
         ):
             problem = (
                 f"is now {param.dtype} of shape {tuple(param.shape)} on {param.device} but "
-                f"was {group.param_dtype} of shape {tuple(group.buffer_view(index).shape)} "
+                f"was {group.param_dtype} of shape {tuple(shape)} "
                 f"on {group.device} when the optimizer took it; create the optimizer after "
                 f"moving, casting or resizing the model"
             )
@@ -253,14 +255,23 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         if problem is not None:
             raise RuntimeError(f"{self._describe(param)} {problem}; nothing was accumulated")
 
-    def _take_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every present .grad, checked first and only then released (set to None)."""
-        pairs = [(param, param.grad) for param in self._all_params() if param.grad is not None]
-        for param, grad in pairs:
-            self._check_grad(param, grad)
-        for param, _ in pairs:
+    def _take_grads(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], set[int]]:
+        """Every present .grad, checked first and only then released (set to None),
+        and the ids of the parameters whose gradient is now referenced nowhere else."""
+        params = [param for param in self._all_params() if param.grad is not None]
+        for param in params:
+            self._check_grad(param, param.grad)
+        pairs, private = [], set()
+        accumulation = self._accumulation
+        for param in params:
+            grad = param.grad
             param.grad = None
-        return pairs
+            # only a window's first gradient of a parameter may be adopted
+            first = id(param) not in accumulation.holds_sum
+            if accumulation.adoption and first and is_private(grad):
+                private.add(id(param))
+            pairs.append((param, grad))
+        return pairs, private
 
     def _register_hooks(self, params: list[torch.Tensor]) -> None:
         optimizer_ref = weakref.ref(self)
@@ -270,14 +281,21 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             if optimizer is None or param.grad is None:
                 return
             optimizer._check_grad(param, param.grad)
-            optimizer._accumulation.fold(
-                [(param, param.grad)],
-                optimizer._pending_weight,
-                optimizer._found_inf(),
-                grad_sum_sq=optimizer._micro_step_squares(1.0),
-            )
-            optimizer._folded_since_step = True
+            grad = param.grad
             param.grad = None
+            private = {id(param)} if is_private(grad) else ()  # before the list holds it
+            try:
+                optimizer._accumulation.fold(
+                    [(param, grad)],
+                    optimizer._pending_weight,
+                    optimizer._found_inf(),
+                    grad_sum_sq=optimizer._micro_step_squares(1.0),
+                    private=private,
+                )
+            except BaseException:
+                param.grad = grad  # not folded: the gradient stays where it was
+                raise
+            optimizer._folded_since_step = True
 
         for param in params:
             if param.requires_grad and param not in self._hooks:
@@ -419,7 +437,11 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """One micro-step: fold every present ``.grad`` into the accumulation buffers
         (weighted by ``weight``, default 1) and release it; on every
         ``accumulation_steps``-th call, apply the update with the window's weighted
-        mean gradient and start a new window. Returns the closure's loss, if any."""
+        mean gradient and start a new window. Returns the closure's loss, if any.
+
+        A window's first gradient of an fp32 parameter that nothing else references
+        (as backward makes it) is not copied but kept as the parameter's buffer until
+        the window ends, as autograd keeps the first gradient as ``.grad``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -436,7 +458,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._folded_since_step = False
         if self.accumulate_in_backward:
             self._register_hooks(self._all_params())
-        pairs = self._take_grads()
+        pairs, private = self._take_grads()
         accumulation = self._accumulation
         accumulation.overflowed |= overflow
         if accumulation.overflowed:
@@ -445,7 +467,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         grad_squares = self._micro_step_squares(inverse_loss_scale)
         if not boundary:
-            accumulation.fold(pairs, factor, self._found_inf(), grad_sum_sq=grad_squares)
+            accumulation.fold(
+                pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
+            )
             if self._grad_stats is not None:
                 self._grad_stats.close_micro_step()
         accumulation.micro_step_count += 1
@@ -578,7 +602,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 batch.params.append(param)
                 if master is not None:
                     batch.masters.append(master)
-                batch.buffers.append(accumulation.buffer_view(param))
+                batch.buffers.append(accumulation.step_buffer(param, grad))
                 if grad is not None:
                     batch.grads.append(grad)
             for (device, dtype, *_, state_key), batch in batches.items():

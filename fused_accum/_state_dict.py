@@ -134,11 +134,12 @@ class StateDictMixin:
         if isinstance(value, dict):
             return {key: self._detached(item) for key, item in value.items()}
         if isinstance(value, torch.Tensor):
+            accumulation = self._accumulation
             ours = {
                 flat.untyped_storage().data_ptr()
-                for group in self._accumulation.groups.values()
-                for flat in (group.buffer, *group.states.values())
-            }
+                for group in accumulation.groups.values()
+                for flat in group.flat_tensors()
+            } | {adopted.untyped_storage().data_ptr() for adopted in accumulation.adopted.values()}
             if value.untyped_storage().data_ptr() in ours:
                 return value.clone()
         return value

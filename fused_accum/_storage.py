@@ -7,6 +7,10 @@ the slice ``[offset, offset + numel)``; offsets are aligned to ``ALIGNMENT`` ele
 A view has the parameter's shape and, for a dense parameter, its strides, so element
 ``k`` of a gradient's memory corresponds to element ``k`` of the slice (channels_last
 included).
+
+The buffer is allocated the first time a view of it is asked for: when every
+gradient of a group is adopted as its own buffer (see ``gradient_fits``), the flat
+buffer is never needed and costs no memory.
 """
 
 from __future__ import annotations
@@ -39,21 +43,24 @@ class FlatGroup:
         self.params: list[torch.Tensor] = []
         self.offsets: list[int] = []
         self.numel = 0
-        self.buffer = torch.zeros(0, dtype=self.accum_dtype, device=device)
+        self.shapes: list[torch.Size] = []
         self.states: dict[str, torch.Tensor] = {}
+        self._buffer: torch.Tensor | None = None
         self._strides: list[tuple[int, ...]] = []
-        self._buffer_views: list[torch.Tensor] = []
+        self._buffer_views: list[torch.Tensor] | None = None
 
     def add(self, params: list[torch.Tensor]) -> None:
         """Append parameters, growing every flat tensor and keeping existing contents."""
         for param in params:
             self.params.append(param)
             self.offsets.append(self.numel)
+            self.shapes.append(param.shape)
             self._strides.append(_dense_strides(param))
             self.numel += -(-param.numel() // ALIGNMENT) * ALIGNMENT
-        self.buffer = self._grown(self.buffer)
+        if self._buffer is not None:
+            self._buffer = self._grown(self._buffer)
         self.states = {name: self._grown(flat) for name, flat in self.states.items()}
-        self._buffer_views = [self.view(self.buffer, i) for i in range(len(self.params))]
+        self._buffer_views = None
 
     def _grown(self, flat: torch.Tensor) -> torch.Tensor:
         grown = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
@@ -65,8 +72,36 @@ class FlatGroup:
         param = self.params[index]
         return flat.as_strided(param.shape, self._strides[index], self.offsets[index])
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The flat accumulation buffer, allocated (zeroed) on first use."""
+        if self._buffer is None:
+            self._buffer = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
+        return self._buffer
+
+    def flat_tensors(self) -> list[torch.Tensor]:
+        """The flat tensors allocated so far: the buffer (if it is) and the states."""
+        allocated = [] if self._buffer is None else [self._buffer]
+        return allocated + list(self.states.values())
+
     def buffer_view(self, index: int) -> torch.Tensor:
-        return self._buffer_views[index]  # made once: views are asked for every micro-step
+        if self._buffer_views is None:  # made once: views are asked for every micro-step
+            self._buffer_views = [self.view(self.buffer, i) for i in range(len(self.params))]
+        return self._buffer_views[index]
+
+    def gradient_fits(self, index: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` can stand in for parameter ``index``'s buffer view: the
+        accumulation dtype, the view's strides, a 64-byte aligned address, a storage
+        of its own size (not a slice of a larger gradient buffer), and outside autograd
+        (not from ``backward(create_graph=True)``)."""
+        return (
+            grad.dtype == self.accum_dtype
+            and not grad.requires_grad
+            and (grad.numel() <= 1 or grad.stride() == self._strides[index])
+            and grad.data_ptr() % 64 == 0
+            and grad.storage_offset() == 0
+            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+        )
 
     def state_view(self, name: str, index: int) -> torch.Tensor:
         """The view of state ``name`` for parameter ``index``; the flat state tensor is

@@ -181,6 +181,7 @@ class TritonBackend:
     """Fused Triton kernels: one launch per call."""
 
     name = "triton"
+    flat_buffers_only = True  # offsets into one flat tensor; the interpreter has no tables
 
     def __init__(self) -> None:
         from . import triton_kernels

@@ -1,0 +1,46 @@
+"""Whether a gradient taken off ``.grad`` is referenced from anywhere else.
+
+Only such a gradient may become a window's accumulation buffer (and be added to in
+place by later micro-steps): autograd hands over fresh, private tensors, but a user
+may have set ``p.grad`` to a tensor they keep, or to a view of a larger one.
+
+The test counts references three ways: Python references to the tensor object, C++
+references to its TensorImpl, and references to its storage (a view shares it). The
+counts a private tensor has are measured once on a fresh probe held the same way, so
+the test does not depend on how a Python or torch version counts its own references.
+Without the private torch functions it relies on, nothing is ever taken as private.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def reference_counts(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """The reference counts of ``tensor``; None if this torch cannot tell them."""
+    if _storage_use_count is None or not hasattr(tensor, "_use_count"):
+        return None
+    storage = tensor.untyped_storage()
+    return sys.getrefcount(tensor), tensor._use_count(), _storage_use_count(storage._cdata)
+
+
+def _seen_through_one_call(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    return reference_counts(tensor)  # the same depth of calls as in is_private
+
+
+def _private_counts() -> tuple[int, int, int] | None:
+    probe = torch.empty(1)  # held as the callers of is_private hold theirs
+    return _seen_through_one_call(probe)
+
+
+_PRIVATE = _private_counts()
+
+
+def is_private(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is referenced only by the caller's one local variable that
+    was passed here (call it as ``is_private(grad)`` with ``grad`` a plain local)."""
+    return _PRIVATE is not None and reference_counts(tensor) == _PRIVATE
