@@ -8,12 +8,14 @@ Providers:
   fused_accum      FusedAccumAdamW(accumulation_steps=8), p.grad = g; step() per micro-step
   eager-fp32-buf   (bf16) buf.add_(g) per micro-step, p.grad = (buf / 8).to(bf16),
                    AdamW(fused=True).step(), buf.zero_()
-  classic          (fp32) autograd's accumulation into .grad (g stolen on the first
-                   micro-step, grad.add_(g) after), AdamW(fused=True).step(), zero_grad()
+  classic          (fp32) autograd's accumulation into .grad (the first gradient kept as
+                   .grad, grad.add_(g) after), AdamW(fused=True).step(), zero_grad()
   ...+clip         (fp32) the same with clipping of the window's gradient to norm 1:
                    max_grad_norm=1 for fused_accum, clip_grad_norm_(params, 1) before
                    the classic loop's step
-Gradients are made once and fed every micro-step, so only the optimizer work is timed.
+Every provider is handed the same gradients (fused_accum.bench.gradients): private new
+tensors on the first micro-step, as backward makes them, made untimed before each
+window; made-once tensors after. Only the optimizer work is timed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from fused_accum import FusedAccumAdamW
+from fused_accum.bench.gradients import WindowGradients
 from fused_accum.bench.shapes import gpt2_124m
 from fused_accum.bench.timing import environment, measure
 
@@ -39,7 +42,7 @@ def _params(dtype):
 
 
 def _grads(params):
-    return [torch.randn_like(p) * 1e-3 for p in params]
+    return WindowGradients([torch.randn_like(p) * 1e-3 for p in params])
 
 
 def fused_window(dtype, **options):
@@ -48,13 +51,13 @@ def fused_window(dtype, **options):
     optimizer = FusedAccumAdamW(params, lr=LR, accumulation_steps=STEPS, **options)
 
     def window():
-        for _ in range(STEPS):
-            for param, grad in zip(params, grads, strict=True):
-                param.grad = grad
+        for micro_step in range(STEPS):
+            for index, param in enumerate(params):
+                param.grad = grads.take(micro_step, index)
             optimizer.step()
         assert optimizer.last_step_applied
 
-    return window, optimizer._accumulation.backends
+    return grads.prepare, window, optimizer._accumulation.backends
 
 
 def eager_window(dtype):
@@ -64,9 +67,9 @@ def eager_window(dtype):
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True)
 
     def window():
-        for _ in range(STEPS):
-            for buffer, grad in zip(buffers, grads, strict=True):
-                buffer.add_(grad)
+        for micro_step in range(STEPS):
+            for index, buffer in enumerate(buffers):
+                buffer.add_(grads.take(micro_step, index))
         for param, buffer in zip(params, buffers, strict=True):
             param.grad = (buffer / STEPS).to(dtype)
         optimizer.step()
@@ -74,28 +77,27 @@ def eager_window(dtype):
             buffer.zero_()
         optimizer.zero_grad()
 
-    return window
+    return grads.prepare, window
 
 
 def classic_window(dtype, clip=False):
     params = _params(dtype)
     grads = _grads(params)
-    fresh = [g.clone() for g in grads]  # what autograd hands over, stolen as .grad
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True)
 
     def window():
         for micro_step in range(STEPS):
-            for param, grad, first in zip(params, grads, fresh, strict=True):
+            for index, param in enumerate(params):
                 if micro_step == 0:
-                    param.grad = first
+                    param.grad = grads.take(micro_step, index)  # kept, as autograd does
                 else:
-                    param.grad.add_(grad)
+                    param.grad.add_(grads.take(micro_step, index))
         if clip:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
 
-    return window
+    return grads.prepare, window
 
 
 def main(argv=None) -> int:
@@ -112,12 +114,14 @@ def main(argv=None) -> int:
          {"max_grad_norm": 1.0}),
     ]  # fmt: skip
     for dtype_name, dtype, baseline_name, baseline, options in cases:
-        window, backends = fused_window(dtype, **options)
+        setup, window, backends = fused_window(dtype, **options)
         backend = ",".join(sorted({b.name for b in backends.values()}))
         clip = "+clip" if options else ""
-        timings = {f"fused_accum[{backend}]{clip}": measure(window, args.windows)}
-        del window, backends
-        timings[baseline_name] = measure(baseline(dtype), args.windows)
+        timings = {f"fused_accum[{backend}]{clip}": measure(window, args.windows, setup=setup)}
+        del setup, window, backends
+        setup, window = baseline(dtype)
+        timings[baseline_name] = measure(window, args.windows, setup=setup)
+        del setup, window
         reference = timings[baseline_name]["median_s"]
         for provider, timing in timings.items():
             rows.append({

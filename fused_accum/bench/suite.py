@@ -26,6 +26,7 @@ import torch
 from .. import FusedAccumAdamW
 from ..backends import BACKEND_NAMES, resolve_backend
 from . import byte_model
+from .gradients import WindowGradients
 from .shapes import SHAPE_LISTS
 from .timing import environment, measure, measure_cuda
 
@@ -60,13 +61,22 @@ def _time(run: Callable[[], None], settings: Settings, graph: bool = False) -> d
     return measure(run, settings.repeats)
 
 
-def count_launches(run: Callable[[], None], device: str) -> int | None:
-    """GPU kernels (and memsets/copies) one call of ``run`` launches; None on CPU."""
+def _no_setup() -> None:
+    pass
+
+
+def count_launches(
+    run: Callable[[], None], device: str, setup: Callable[[], None] = _no_setup
+) -> int | None:
+    """GPU kernels (and memsets/copies) one call of ``run`` launches, after ``setup``
+    (not counted); None on CPU."""
     if device != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
+    setup()
     run()
+    setup()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -74,10 +84,14 @@ def count_launches(run: Callable[[], None], device: str) -> int | None:
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def peak_memory_mb(run: Callable[[], None], device: str) -> float | None:
-    """Peak GPU memory allocated during one call of ``run``, in MB; None on CPU."""
+def peak_memory_mb(
+    run: Callable[[], None], device: str, setup: Callable[[], None] = _no_setup
+) -> float | None:
+    """Peak GPU memory allocated during one call of ``run`` after ``setup`` (what that
+    allocates counts), in MB; None on CPU."""
     if device != "cuda":
         return None
+    setup()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     run()
@@ -215,9 +229,10 @@ def sweep(settings: Settings, progress: Progress | None = None) -> Iterator[dict
 
 
 def _make_params(shapes, dtype, device):
+    """Parameters and the gradients handed over for them (see gradients.py)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype) * 0.02) for s in shapes]
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    grads = WindowGradients([torch.randn_like(p) * 1e-3 for p in params])
     return params, grads
 
 
@@ -226,33 +241,32 @@ def _fused_window(shapes, dtype, settings, backend):
     optimizer = FusedAccumAdamW(params, lr=LR, accumulation_steps=settings.steps, backend=backend)
 
     def window():
-        for _ in range(settings.steps):
-            for param, grad in zip(params, grads, strict=True):
-                param.grad = grad
+        for micro_step in range(settings.steps):
+            for index, param in enumerate(params):
+                param.grad = grads.take(micro_step, index)
             optimizer.step()
 
-    return window
+    return grads.prepare, window
 
 
 def _classic_window(shapes, dtype, settings, implementation):
-    """autograd's accumulation: the first gradient stolen as .grad, then added into it;
+    """autograd's accumulation: the first gradient kept as .grad, then added into it;
     torch.optim.AdamW, then zero_grad()."""
     params, grads = _make_params(shapes, dtype, settings.device)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True)}
     optimizer = torch.optim.AdamW(params, lr=LR, **flags.get(implementation, dict(fused=True)))
-    fresh = [g.clone() for g in grads]
 
     def window():
         for micro_step in range(settings.steps):
-            for param, grad, first in zip(params, grads, fresh, strict=True):
+            for index, param in enumerate(params):
                 if micro_step == 0:
-                    param.grad = first
+                    param.grad = grads.take(micro_step, index)
                 else:
-                    param.grad.add_(grad)
+                    param.grad.add_(grads.take(micro_step, index))
         optimizer.step()
         optimizer.zero_grad()
 
-    return window
+    return grads.prepare, window
 
 
 def _eager_window(shapes, dtype, settings):
@@ -262,9 +276,9 @@ def _eager_window(shapes, dtype, settings):
     optimizer = torch.optim.AdamW(params, lr=LR, fused=True)
 
     def window():
-        for _ in range(settings.steps):
-            for buffer, grad in zip(buffers, grads, strict=True):
-                buffer.add_(grad.float(), alpha=1.0)
+        for micro_step in range(settings.steps):
+            for index, buffer in enumerate(buffers):
+                buffer.add_(grads.take(micro_step, index).float(), alpha=1.0)
         for param, buffer in zip(params, buffers, strict=True):
             param.grad = (buffer / settings.steps).to(dtype)
         optimizer.step()
@@ -272,11 +286,12 @@ def _eager_window(shapes, dtype, settings):
             buffer.zero_()
         optimizer.zero_grad()
 
-    return window
+    return grads.prepare, window
 
 
 def window_providers(dtype: torch.dtype, settings: Settings):
-    """(provider, builder of a window() closure), the baseline of each dtype first."""
+    """(provider, builder of a (setup, window) pair of closures), the baseline of each
+    dtype first; setup() runs untimed before each window()."""
     baseline = "eager fp32 recipe" if dtype != torch.float32 else "classic fused"
     providers = {"eager fp32 recipe": lambda shapes: _eager_window(shapes, dtype, settings)}
     for implementation in ("fused", "foreach", "for-loop"):
@@ -303,8 +318,9 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
             baseline, providers = window_providers(dtype, settings)
             reference_s = None
             for provider, build in providers.items():
-                window = build(shapes)
-                timing = _time(window, settings)
+                setup, window = build(shapes)
+                # wall time: do_bench cannot run the untimed setup between calls
+                timing = measure(window, settings.repeats, device=settings.device, setup=setup)
                 reference_s = reference_s or timing["median_s"]
                 moved = byte_model.window_bytes("adamw", dtype, settings.steps)
                 yield {
@@ -314,10 +330,10 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
                     "baseline": baseline,
                     "speedup_vs_baseline": round(reference_s / timing["median_s"], 3),
                     "bytes_per_element": moved if provider.startswith("fused_accum") else None,
-                    "launches": count_launches(window, settings.device),
-                    "peak_memory_MB": peak_memory_mb(window, settings.device),
+                    "launches": count_launches(window, settings.device, setup),
+                    "peak_memory_MB": peak_memory_mb(window, settings.device, setup),
                 }  # fmt: skip
-                del window
+                del setup, window
                 gc.collect()
                 if progress:
                     progress.advance(f"window {list_name} {DTYPE_NAMES[dtype]} {provider}")

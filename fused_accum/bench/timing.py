@@ -13,12 +13,23 @@ from collections.abc import Callable
 import torch
 
 
-def measure(run: Callable[[], None], repeats: int, warmup: int = 1, device: str = "cpu") -> dict:
-    """Seconds per call of ``run``: median, 20% and 80% quantiles over ``repeats``."""
+def measure(
+    run: Callable[[], None],
+    repeats: int,
+    warmup: int = 1,
+    device: str = "cpu",
+    setup: Callable[[], None] | None = None,
+) -> dict:
+    """Seconds per call of ``run``: median, 20% and 80% quantiles over ``repeats``.
+    ``setup``, if given, runs before every call, untimed."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         run()
     seconds = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
