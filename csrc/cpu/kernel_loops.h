@@ -157,7 +157,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
 template <typename acc>
 struct AdamScalars {
   acc normaliser, grad_scale, factor, sign, one_minus_beta1, beta2, one_minus_beta2, eps,
-      weight_decay, decay_factor, step_size, bias_correction2_sqrt;
+      weight_decay, decay_factor, step_size, inverse_bias_correction2_sqrt;
   int64_t flat_begin;  // flat position of the chunk's first element
   uint32_t seed;
 };
@@ -191,7 +191,8 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
       second_moment = (running_max < second || second != second) ? second : running_max;
       max_exp_avg_sq[i] = second_moment;
     }
-    const acc denominator = std::sqrt(second_moment) / s.bias_correction2_sqrt + s.eps;
+    // one division per element, not two: they bound this loop on two cores
+    const acc denominator = std::sqrt(second_moment) * s.inverse_bias_correction2_sqrt + s.eps;
     value -= s.step_size * (first / denominator);
     store_param<P, HAS_MASTER, STOCHASTIC>(value, param, master, i, s.flat_begin, s.seed);
   }
@@ -343,7 +344,7 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
                            acc(a.weight_decay),
                            acc(1 - a.lr * a.weight_decay),
                            acc(device ? device[2] : a.step_size),
-                           acc(device ? device[3] : a.bias_correction2_sqrt),
+                           acc(1 / (device ? device[3] : a.bias_correction2_sqrt)),
                            flat_begin,
                            a.rounding_seed};
   auto* p = static_cast<typename P::storage*>(param);
