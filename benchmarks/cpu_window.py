@@ -15,7 +15,8 @@ Providers:
                    the classic loop's step
 Every provider is handed the same gradients (fused_accum.bench.gradients): private new
 tensors on the first micro-step, as backward makes them, made untimed before each
-window; made-once tensors after. Only the optimizer work is timed.
+window; made-once tensors after. Only the optimizer work is timed. The two providers
+of a row take turns window by window, so a drift of the machine hits both alike.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from fused_accum import FusedAccumAdamW
 from fused_accum.bench.gradients import WindowGradients
 from fused_accum.bench.shapes import gpt2_124m
-from fused_accum.bench.timing import environment, measure
+from fused_accum.bench.timing import environment, measure_interleaved
 
 STEPS = 8
 LR = 1e-4
@@ -117,11 +118,9 @@ def main(argv=None) -> int:
         setup, window, backends = fused_window(dtype, **options)
         backend = ",".join(sorted({b.name for b in backends.values()}))
         clip = "+clip" if options else ""
-        timings = {f"fused_accum[{backend}]{clip}": measure(window, args.windows, setup=setup)}
-        del setup, window, backends
-        setup, window = baseline(dtype)
-        timings[baseline_name] = measure(window, args.windows, setup=setup)
-        del setup, window
+        runs = {f"fused_accum[{backend}]{clip}": (setup, window), baseline_name: baseline(dtype)}
+        timings = measure_interleaved(runs, args.windows)  # window by window, in turns
+        del setup, window, backends, runs
         reference = timings[baseline_name]["median_s"]
         for provider, timing in timings.items():
             rows.append({

@@ -1,5 +1,8 @@
 """What track_grad_stats=True costs: the fp32 GPT-2-124M window (8 micro-steps + AdamW)
-through the public API with tracking off and on, alternating, in one run.
+through the public API with tracking off and on, alternating, in one run. The
+gradients are handed over as in cpu_window.py (fused_accum.bench.gradients): tracking
+reads the first micro-step's gradients for their norm, so it copies them where an
+untracked window adopts them.
 
     python benchmarks/grad_stats_cost.py [--windows 5] [--rounds 2]
 """
@@ -12,6 +15,7 @@ import sys
 import torch
 
 from fused_accum import FusedAccumAdamW
+from fused_accum.bench.gradients import WindowGradients
 from fused_accum.bench.shapes import gpt2_124m
 from fused_accum.bench.timing import measure
 
@@ -25,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape) * 0.02) for shape in gpt2_124m()]
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    grads = WindowGradients([torch.randn_like(p) * 1e-3 for p in params])
     for _ in range(args.rounds):
         for track in (False, True):
             optimizer = FusedAccumAdamW(
@@ -33,12 +37,12 @@ def main(argv=None) -> int:
             )
 
             def window(optimizer=optimizer):
-                for _ in range(STEPS):
-                    for param, grad in zip(params, grads, strict=True):
-                        param.grad = grad
+                for micro_step in range(STEPS):
+                    for index, param in enumerate(params):
+                        param.grad = grads.take(micro_step, index)
                     optimizer.step()
 
-            timing = measure(window, args.windows)
+            timing = measure(window, args.windows, setup=grads.prepare)
             quantiles = f"[p20 {timing['p20_s']:.3f}, p80 {timing['p80_s']:.3f}]"
             print(f"track_grad_stats={track!s:5} median {timing['median_s']:.3f}s {quantiles}")
             del optimizer, window

@@ -26,17 +26,40 @@ def measure(
         if setup is not None:
             setup()
         run()
-    seconds = []
+    seconds = [_seconds(run, device, setup) for _ in range(repeats)]
+    return _summary(seconds)
+
+
+def measure_interleaved(
+    runs: dict[str, tuple[Callable[[], None] | None, Callable[[], None]]],
+    repeats: int,
+    warmup: int = 1,
+) -> dict[str, dict]:
+    """``measure`` for several (setup, run) pairs by name, taking turns call by call,
+    so that a drift of the machine's speed during the measurement hits each alike."""
+    for _ in range(warmup):
+        for setup, run in runs.values():
+            _seconds(run, "cpu", setup)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        if setup is not None:
-            setup()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+        for name, (setup, run) in runs.items():
+            seconds[name].append(_seconds(run, "cpu", setup))
+    return {name: _summary(values) for name, values in seconds.items()}
+
+
+def _seconds(run: Callable[[], None], device: str, setup: Callable[[], None] | None) -> float:
+    if setup is not None:
+        setup()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _summary(seconds: list[float]) -> dict:
     quantiles = (
         statistics.quantiles(seconds, n=10, method="inclusive")
         if len(seconds) > 1
@@ -46,7 +69,7 @@ def measure(
         "median_s": statistics.median(seconds),
         "p20_s": quantiles[1],
         "p80_s": quantiles[7],
-        "repeats": repeats,
+        "repeats": len(seconds),
     }
 
 
