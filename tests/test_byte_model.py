@@ -38,6 +38,9 @@ def test_step(optimizer, dtype, options, expected):
 def test_window_and_eager_recipe():
     # first micro-step 8, six accumulates of 12, the accumulate-and-step 32
     assert byte_model.window_bytes("adamw", FP32, 8) == 8 + 6 * 12 + 32
+    # the first fp32 gradient adopted as the buffer: nothing moved for it
+    assert byte_model.window_bytes("adamw", FP32, 8, adopt_first=True) == 6 * 12 + 32
+    assert byte_model.window_bytes("adamw", BF16, 8, adopt_first=True) == 6 + 6 * 10 + 26
     assert byte_model.window_bytes("adamw", BF16, 8) == 6 + 6 * 10 + 26
     assert byte_model.window_bytes("adamw", FP32, 1) == 28  # the gradient, no buffer
     assert byte_model.eager_accumulate_bytes(BF16) == 26

@@ -1,8 +1,9 @@
 """The byte model: bytes each operation must read and write per parameter element,
 the yardstick of every bandwidth figure (effective GB/s = modelled bytes / time).
 
-It is DESIGN.md's table with one measured deviation: steps do not zero the buffer
-(the next window's first contribution overwrites it), which saves the 4-byte write.
+It is DESIGN.md's table with two deviations: steps do not zero the buffer (the next
+window's first contribution overwrites it), which saves the 4-byte write; and a first
+gradient already in fp32 may be adopted as the buffer, not copied (0 bytes).
 """
 
 from __future__ import annotations
@@ -44,14 +45,19 @@ def step_bytes(
     return moved
 
 
-def window_bytes(optimizer: str, param_dtype: torch.dtype, steps: int) -> int:
+def window_bytes(
+    optimizer: str, param_dtype: torch.dtype, steps: int, *, adopt_first: bool = False
+) -> int:
     """A window of ``steps`` micro-steps and one update, per parameter element: the
-    first micro-step overwrites the buffer, the last is an accumulate-and-step."""
+    first micro-step overwrites the buffer (or, with ``adopt_first`` and a gradient in
+    the accumulation dtype, makes the gradient the buffer: nothing moved), the last is
+    an accumulate-and-step."""
     if steps == 1:
         return step_bytes(optimizer, param_dtype, fresh_grad=True) - ACCUMULATION_BYTES
+    adopted = adopt_first and param_dtype in (torch.float32, torch.float64)
+    first = 0 if adopted else accumulate_bytes(param_dtype, first=True)
     middle = (steps - 2) * accumulate_bytes(param_dtype)
-    last = step_bytes(optimizer, param_dtype, fresh_grad=True)
-    return accumulate_bytes(param_dtype, first=True) + middle + last
+    return first + middle + step_bytes(optimizer, param_dtype, fresh_grad=True)
 
 
 def eager_accumulate_bytes(grad_dtype: torch.dtype) -> int:

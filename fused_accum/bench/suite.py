@@ -322,14 +322,14 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
                 # wall time: do_bench cannot run the untimed setup between calls
                 timing = measure(window, settings.repeats, device=settings.device, setup=setup)
                 reference_s = reference_s or timing["median_s"]
-                moved = byte_model.window_bytes("adamw", dtype, settings.steps)
+                moved = _fused_window_bytes(provider, dtype, settings)
                 yield {
                     **env, "benchmark": "window", "op": f"{settings.steps} micro-steps + AdamW",
                     "shapes": list_name, "tensors": len(shapes), "elements": elements,
                     "dtype": DTYPE_NAMES[dtype], "provider": provider, **timing,
                     "baseline": baseline,
                     "speedup_vs_baseline": round(reference_s / timing["median_s"], 3),
-                    "bytes_per_element": moved if provider.startswith("fused_accum") else None,
+                    "bytes_per_element": moved,
                     "launches": count_launches(window, settings.device, setup),
                     "peak_memory_MB": peak_memory_mb(window, settings.device, setup),
                 }  # fmt: skip
@@ -337,6 +337,19 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
                 gc.collect()
                 if progress:
                     progress.advance(f"window {list_name} {DTYPE_NAMES[dtype]} {provider}")
+
+
+def _fused_window_bytes(provider: str, dtype: torch.dtype, settings: Settings) -> int | None:
+    """The byte model of a fused_accum provider's window (None for PyTorch's): backends
+    that take any buffer adopt the first fp32 gradients the benchmark hands over."""
+    if not provider.startswith("fused_accum["):
+        return None
+    backend = resolve_backend(
+        provider[len("fused_accum[") : -1], torch.device(settings.device), dtype
+    )
+    return byte_model.window_bytes(
+        "adamw", dtype, settings.steps, adopt_first=not backend.flat_buffers_only
+    )
 
 
 def count_window_jobs(settings: Settings) -> int:
