@@ -19,22 +19,37 @@ import torch
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
+Counts = tuple[int, int, int, int]
 
-def reference_counts(tensor: torch.Tensor) -> tuple[int, int, int] | None:
-    """The reference counts of ``tensor``; None if this torch cannot tell them."""
+
+def reference_counts(tensor: torch.Tensor) -> Counts | None:
+    """The reference counts of ``tensor`` (Python references to it and to its storage
+    object, C++ references to its TensorImpl and to its storage); None if this torch
+    cannot tell them."""
     if _storage_use_count is None or not hasattr(tensor, "_use_count"):
         return None
     storage = tensor.untyped_storage()
-    return sys.getrefcount(tensor), tensor._use_count(), _storage_use_count(storage._cdata)
+    return (
+        sys.getrefcount(tensor),
+        sys.getrefcount(storage),
+        tensor._use_count(),
+        _storage_use_count(storage._cdata),
+    )
 
 
-def _seen_through_one_call(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+def _seen_through_one_call(tensor: torch.Tensor) -> Counts | None:
     return reference_counts(tensor)  # the same depth of calls as in is_private
 
 
-def _private_counts() -> tuple[int, int, int] | None:
+def _private_counts() -> Counts | None:
     probe = torch.empty(1)  # held as the callers of is_private hold theirs
-    return _seen_through_one_call(probe)
+    private = _seen_through_one_call(probe)
+    held = [probe]  # and once more, as a caller's list would hold a gradient
+    counts_when_held = _seen_through_one_call(probe)
+    del held
+    if private is None or counts_when_held == private:
+        return None  # this Python does not count the references we need: never adopt
+    return private
 
 
 _PRIVATE = _private_counts()
@@ -42,5 +57,11 @@ _PRIVATE = _private_counts()
 
 def is_private(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is referenced only by the caller's one local variable that
-    was passed here (call it as ``is_private(grad)`` with ``grad`` a plain local)."""
-    return _PRIVATE is not None and reference_counts(tensor) == _PRIVATE
+    was passed here (call it as ``is_private(grad)`` with ``grad`` a plain local), and
+    its memory is torch's own: not borrowed from numpy, DLPack, a buffer or another
+    process (a storage that cannot be resized), none of which the counts can see."""
+    return (
+        _PRIVATE is not None
+        and reference_counts(tensor) == _PRIVATE  # counted first, as on the probe
+        and tensor.untyped_storage().resizable()
+    )

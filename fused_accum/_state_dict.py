@@ -60,8 +60,9 @@ class StateDictMixin:
         id_map = self._check_state_dict(state_dict["param_groups"], saved_state, window)
         # The saved tensors may be views of our own flat storage (a state dict of this
         # very optimizer, held in memory): copy those out before that storage changes.
-        saved_state = {k: self._detached(v) for k, v in saved_state.items()}
-        buffers = self._detached(window["buffers"])
+        ours = self._own_storages()
+        saved_state = {k: self._detached(v, ours) for k, v in saved_state.items()}
+        buffers = self._detached(window["buffers"], ours)
         super().load_state_dict({**state_dict, "state": {}})
         accumulation = self._accumulation
         for flat_group in accumulation.groups.values():
@@ -129,19 +130,18 @@ class StateDictMixin:
             self._check_saved_shape(id_map[saved_id], "accumulation buffer", buffer)
         return id_map
 
-    def _detached(self, value: Any) -> Any:
-        """``value`` with every tensor that lives in our flat storage copied out."""
+    def _own_storages(self) -> set[int]:
+        """The addresses of the storages we hold: flat tensors and adopted buffers."""
+        accumulation = self._accumulation
+        flats = [flat for group in accumulation.groups.values() for flat in group.flat_tensors()]
+        return {t.untyped_storage().data_ptr() for t in chain(flats, accumulation.adopted.values())}
+
+    def _detached(self, value: Any, ours: set[int]) -> Any:
+        """``value`` with every tensor that lives in storage of ours copied out."""
         if isinstance(value, dict):
-            return {key: self._detached(item) for key, item in value.items()}
-        if isinstance(value, torch.Tensor):
-            accumulation = self._accumulation
-            ours = {
-                flat.untyped_storage().data_ptr()
-                for group in accumulation.groups.values()
-                for flat in group.flat_tensors()
-            } | {adopted.untyped_storage().data_ptr() for adopted in accumulation.adopted.values()}
-            if value.untyped_storage().data_ptr() in ours:
-                return value.clone()
+            return {key: self._detached(item, ours) for key, item in value.items()}
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in ours:
+            return value.clone()
         return value
 
     def _load_param_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:

@@ -92,11 +92,12 @@ class FlatGroup:
     def gradient_fits(self, index: int, grad: torch.Tensor) -> bool:
         """Whether ``grad`` can stand in for parameter ``index``'s buffer view: the
         accumulation dtype, the view's strides, a 64-byte aligned address, a storage
-        of its own size (not a slice of a larger gradient buffer), and outside autograd
-        (not from ``backward(create_graph=True)``)."""
+        of its own size (not a slice of a larger gradient buffer), outside autograd (not
+        from ``backward(create_graph=True)``) and not an inference tensor."""
         return (
             grad.dtype == self.accum_dtype
             and not grad.requires_grad
+            and not grad.is_inference()  # to be added to in place, outside inference mode
             and (grad.numel() <= 1 or grad.stride() == self._strides[index])
             and grad.data_ptr() % 64 == 0
             and grad.storage_offset() == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from helpers import CPU_BACKENDS
@@ -76,6 +77,40 @@ def test_private_tensors_are_told_apart():
     assert not released(param)
     param.grad = torch.randn(200)[:100].view(10, 10)  # a view: shares a storage
     assert not released(param)
+    param.grad = torch.randn(10, 10)
+    storage = param.grad.untyped_storage()  # all the caller keeps
+    assert not released(param)
+    del storage
+    array = np.random.rand(10, 10).astype(np.float32)
+    param.grad = torch.from_numpy(array)  # memory numpy owns: no count of torch's sees it
+    assert not released(param)
+
+
+@pytest.mark.parametrize("backend", ADOPTING)
+def test_borrowed_and_inference_gradients_are_copied(backend):
+    params = _params()
+    optimizer = FusedAccumSGD(params, lr=0.1, accumulation_steps=STEPS, backend=backend)
+    arrays = [np.random.rand(*shape).astype(np.float32) for shape in SHAPES]
+    originals = [array.copy() for array in arrays]
+    _hand_over(params, [torch.from_numpy(array) for array in arrays])
+    optimizer.step()
+    assert optimizer._accumulation.adopted == {}
+    with torch.inference_mode():
+        grads = [torch.randn(shape) for shape in SHAPES]
+    _hand_over(params, grads)
+    del grads
+    optimizer.step()  # the sums are in the flat buffer: nothing to add in place to these
+    optimizer.discard_window()
+    with torch.inference_mode():
+        grads = [torch.randn(shape) for shape in SHAPES]
+    _hand_over(params, grads)
+    del grads
+    optimizer.step()  # a window's first inference-mode gradients: copied, not adopted
+    assert optimizer._accumulation.adopted == {}
+    _hand_over(params, _fresh(11)(0, 1))
+    optimizer.step()  # and added to without complaint
+    for array, original in zip(arrays, originals, strict=True):
+        assert np.array_equal(array, original)
 
 
 @pytest.mark.parametrize("backend", ADOPTING)
