@@ -24,10 +24,11 @@ class AccumulationState:
 
     A window's first gradient of a parameter need not be copied at all: when it is
     private (the caller says so), already in the accumulation dtype and layout, and
-    folded in with weight 1 and nothing to check or sum, it becomes the parameter's
-    buffer for the rest of the window (``adopted``), as autograd makes the first
-    gradient ``.grad``. This saves the copy's 8 bytes per fp32 element, and the flat
-    buffer of a group whose gradients are all adopted is never allocated.
+    folded in with weight 1 and nothing to check or to sum but its own squares, it
+    becomes the parameter's buffer for the rest of the window (``adopted``), as
+    autograd makes the first gradient ``.grad``. This saves the copy's 8 bytes per fp32
+    element, and the flat buffer of a group whose gradients are all adopted is never
+    allocated.
     """
 
     def __init__(self, backend_name: str) -> None:
@@ -120,13 +121,8 @@ class AccumulationState:
         nowhere else: such a gradient may be adopted as the buffer (see the class)."""
         calls: dict[tuple, tuple[list, list]] = {}
         holds_sum, slots, adopted = self.holds_sum, self.slots, self.adopted
-        may_adopt = (
-            self.adoption
-            and weight == 1.0
-            and found_inf is None
-            and sum_sq is None
-            and grad_sum_sq is None
-        )
+        may_adopt = self.adoption and weight == 1.0 and found_inf is None and sum_sq is None
+        squared: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for param, grad in pairs:
             key = id(param)
             group, index = slots[key]
@@ -140,6 +136,8 @@ class AccumulationState:
                 and group.gradient_fits(index, grad)
             ):
                 adopted[key] = grad
+                if grad_sum_sq is not None:
+                    squared[group.device].append(grad)
                 continue
             call = calls.get((group, first))
             if call is None:
@@ -157,6 +155,10 @@ class AccumulationState:
                 sum_sq=None if sum_sq is None else sum_sq[group.device],
                 grad_sum_sq=None if grad_sum_sq is None else grad_sum_sq[group.device],
             )
+        for device, grads in squared.items():
+            # adopted, so read by no kernel: their squares from a read-only pass
+            norms = torch.stack(torch._foreach_norm(grads)).double()
+            grad_sum_sq[device].add_(norms.square().sum().float())
 
     def end_window(self) -> None:
         """Forget the window: its sums are dead once applied or discarded."""

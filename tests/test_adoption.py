@@ -202,9 +202,8 @@ def test_views_of_one_gradient_buffer_are_not_adopted():
     [
         (dict(), 2.0),
         (dict(loss_scaling=True), None),
-        (dict(track_grad_stats=True), None),
     ],
-    ids=["weighted", "loss-scaling", "tracking"],
+    ids=["weighted", "loss-scaling"],
 )
 def test_no_adoption_where_the_first_pass_does_work(kwargs, weight):
     params = _params()
