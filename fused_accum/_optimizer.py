@@ -62,9 +62,9 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             micro-batch of every rank. None (the default): one process.
         track_grad_stats: keep gradient statistics on the device, computed by the
             kernels that already read the gradients (the one extra read is of adopted
-            first gradients, in place of their copy): per
-            parameter mean |g|, max |g| and L2 norm of each window's applied gradient,
-            each micro-step's gradient norm, and the history of the window norms.
+            first gradients, in place of their copy): per parameter mean |g|, max |g|
+            and L2 norm of each window's applied gradient, each micro-step's gradient
+            norm, and the history of the window norms.
             Read them with :meth:`grad_stats`, :meth:`micro_step_grad_norms` and
             :meth:`grad_norm_history`; plot them with ``fused_accum.plot_grad_flow``.
 """
