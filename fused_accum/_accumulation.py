@@ -123,11 +123,15 @@ class AccumulationState:
         holds_sum, slots, adopted = self.holds_sum, self.slots, self.adopted
         may_adopt = self.adoption and weight == 1.0 and found_inf is None and sum_sq is None
         squared: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        # recorded once every kernel has run, so that an error leaves the window as it was
+        first_sums: list[int] = []
+        newly_adopted: dict[int, torch.Tensor] = {}
         for param, grad in pairs:
             key = id(param)
             group, index = slots[key]
             first = key not in holds_sum
-            holds_sum.add(key)
+            if first:
+                first_sums.append(key)
             if (
                 first
                 and may_adopt
@@ -135,7 +139,7 @@ class AccumulationState:
                 and group in self._adopting
                 and group.gradient_fits(index, grad)
             ):
-                adopted[key] = grad
+                newly_adopted[key] = grad
                 if grad_sum_sq is not None:
                     squared[group.device].append(grad)
                 continue
@@ -159,6 +163,8 @@ class AccumulationState:
             # adopted, so read by no kernel: their squares from a read-only pass
             norms = torch.stack(torch._foreach_norm(grads)).double()
             grad_sum_sq[device].add_(norms.square().sum().float())
+        holds_sum.update(first_sums)
+        adopted.update(newly_adopted)
 
     def end_window(self) -> None:
         """Forget the window: its sums are dead once applied or discarded."""

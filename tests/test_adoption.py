@@ -302,3 +302,33 @@ def test_one_micro_step_windows_allocate_no_flat_buffer():
     optimizer = FusedAccumSGD(params, lr=0.1, momentum=0.9, backend="cpu")
     _run(params, optimizer, 1, _fresh(10))
     assert all(group._buffer is None for group in _groups(optimizer))
+
+
+def test_a_failed_fold_leaves_the_window_as_it_was(monkeypatch):
+    torch.manual_seed(0)
+    params = _params()
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    failing = FusedAccumSGD(params, lr=0.1, accumulation_steps=2, backend="torch")
+    reference = FusedAccumSGD(copies, lr=0.1, accumulation_steps=2, backend="torch")
+
+    def window(targets, optimizer, seed):
+        for micro_step in range(2):
+            _hand_over(targets, _fresh(seed)(0, micro_step))
+            optimizer.step(weight=2.0)  # weighted: folded by the kernel, not adopted
+
+    window(params, failing, 12)  # leaves dead values in the buffers
+    window(copies, reference, 12)
+    backend = next(iter(failing._accumulation.backends.values()))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(backend, "accumulate", broken)
+    _hand_over(params, _fresh(13)(0, 0))
+    with pytest.raises(RuntimeError, match="injected"):
+        failing.step(weight=2.0)
+    monkeypatch.undo()
+    assert failing._accumulation.holds_sum == set()
+    window(params, failing, 14)  # a first contribution again: overwrites the dead values
+    window(copies, reference, 14)
+    _assert_same(params, copies)
