@@ -468,9 +468,14 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         grad_squares = self._micro_step_squares(inverse_loss_scale)
         if not boundary:
-            accumulation.fold(
-                pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
-            )
+            try:
+                accumulation.fold(
+                    pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
+                )
+            except BaseException:
+                for param, grad in pairs:
+                    param.grad = grad  # not folded: the gradients stay where they were
+                raise
             if self._grad_stats is not None:
                 self._grad_stats.close_micro_step()
         accumulation.micro_step_count += 1

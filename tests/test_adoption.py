@@ -324,11 +324,16 @@ def test_a_failed_fold_leaves_the_window_as_it_was(monkeypatch):
         raise RuntimeError("injected")
 
     monkeypatch.setattr(backend, "accumulate", broken)
-    _hand_over(params, _fresh(13)(0, 0))
+    grads = _fresh(13)(0, 0)
+    _hand_over(params, grads)
     with pytest.raises(RuntimeError, match="injected"):
         failing.step(weight=2.0)
     monkeypatch.undo()
     assert failing._accumulation.holds_sum == set()
+    assert all(param.grad is grad for param, grad in zip(params, grads, strict=True))
+    failing.discard_window()  # drops the window, not the gradients given back
+    for param in params:
+        param.grad = None
     window(params, failing, 14)  # a first contribution again: overwrites the dead values
     window(copies, reference, 14)
     _assert_same(params, copies)
