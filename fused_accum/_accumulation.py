@@ -60,11 +60,11 @@ class AccumulationState:
             if key not in self.groups:
                 self.backends[key] = resolve_backend(self.backend_name, *key)
                 self.groups[key] = FlatGroup(*key)
-                if not self.backends[key].flat_buffers_only and key[1] in (
-                    torch.float32,
-                    torch.float64,
+                group = self.groups[key]
+                if not self.backends[key].flat_buffers_only and (
+                    group.accum_dtype == group.param_dtype  # fp32 and fp64 parameters
                 ):
-                    self._adopting.add(self.groups[key])
+                    self._adopting.add(group)
             group = self.groups[key]
             start = len(group.params)
             group.add(new_params)
@@ -96,9 +96,13 @@ class AccumulationState:
         ``fresh`` serves where it can, so that the flat buffer is not allocated for it."""
         if id(param) not in self.holds_sum and fresh is not None:
             group, index = self.slots[id(param)]
-            if group in self._adopting and group.gradient_fits(index, fresh):
+            if self._may_stand_in(group, index, fresh):
                 return fresh
         return self.buffer_view(param)
+
+    def _may_stand_in(self, group: FlatGroup, index: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` may serve as buffer ``index`` of ``group``."""
+        return group in self._adopting and group.gradient_fits(index, grad)
 
     def state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
         group, index = self.slots[id(param)]
@@ -132,13 +136,7 @@ class AccumulationState:
             first = key not in holds_sum
             if first:
                 first_sums.append(key)
-            if (
-                first
-                and may_adopt
-                and key in private
-                and group in self._adopting
-                and group.gradient_fits(index, grad)
-            ):
+            if first and may_adopt and key in private and self._may_stand_in(group, index, grad):
                 newly_adopted[key] = grad
                 if grad_sum_sq is not None:
                     squared[group.device].append(grad)

