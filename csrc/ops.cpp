@@ -10,7 +10,7 @@ TORCH_LIBRARY(fused_accum, m) {
   m.def(
       "sgd_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, "
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, bool use_buffer, float normaliser, "
-      "float grad_scale, "
+      "float grad_weight, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
       "bool maximize, bool init_momentum, int rounding_seed, Tensor? device_scalars=None, "
       "Tensor(d!)? grad_stats=None) -> ()");
@@ -18,7 +18,7 @@ TORCH_LIBRARY(fused_accum, m) {
       "adam_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
       "bool use_buffer, "
-      "float normaliser, float grad_scale, int step, float lr, float beta1, float beta2, "
+      "float normaliser, float grad_weight, int step, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
       "bool maximize, int rounding_seed, Tensor? device_scalars=None, "
       "Tensor(f!)? grad_stats=None) -> ()");

@@ -11,7 +11,7 @@ struct StepArgs {
   bool use_buffer = true;      // the buffers hold this window's sums
   bool has_grads = false;      // fresh gradients of the last micro-step are added
   double normaliser = 1;       // factor on the buffers: 1 / window weight
-  double grad_scale = 1;       // factor on the fresh gradients
+  double grad_weight = 1;      // factor on the fresh gradients, before the normaliser
   double lr = 0;
   double weight_decay = 0;
   bool maximize = false;

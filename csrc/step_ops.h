@@ -70,7 +70,7 @@ inline void set_grad_stats(StepArgs& args, const std::optional<at::Tensor>& stat
 template <StepRunner run>
 void sgd_step_op(at::TensorList params, at::TensorList buffers,
                  std::optional<at::TensorList> grads, at::TensorList momentum_buffers,
-                 at::TensorList masters, bool use_buffer, double normaliser, double grad_scale, double lr, double momentum,
+                 at::TensorList masters, bool use_buffer, double normaliser, double grad_weight, double lr, double momentum,
                  double dampening, double weight_decay, bool nesterov, bool maximize,
                  bool init_momentum, int64_t rounding_seed,
                  const std::optional<at::Tensor>& device_scalars,
@@ -84,7 +84,7 @@ void sgd_step_op(at::TensorList params, at::TensorList buffers,
   args.use_buffer = use_buffer;
   args.has_grads = grads.has_value();
   args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
+  args.grad_weight = grad_weight;
   args.lr = lr;
   args.momentum = momentum;
   args.dampening = dampening;
@@ -103,7 +103,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
                   std::optional<at::TensorList> grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                   at::TensorList masters, bool use_buffer,
-                  double normaliser, double grad_scale, int64_t step_number, double lr,
+                  double normaliser, double grad_weight, int64_t step_number, double lr,
                   double beta1, double beta2, double eps, double weight_decay,
                   bool decoupled_weight_decay, bool amsgrad, bool maximize,
                   int64_t rounding_seed, const std::optional<at::Tensor>& device_scalars,
@@ -123,7 +123,7 @@ void adam_step_op(at::TensorList params, at::TensorList buffers,
   args.use_buffer = use_buffer;
   args.has_grads = grads.has_value();
   args.normaliser = normaliser;
-  args.grad_scale = grad_scale;
+  args.grad_weight = grad_weight;
   args.lr = lr;
   args.beta1 = beta1;
   args.beta2 = beta2;

@@ -101,7 +101,7 @@ class Case:
         return [self.group.state_view(name, i) for i in range(len(self.params))]
 
     def batch(
-        self, use_buffer, grads, normaliser=0.25, grad_scale=0.5, scalars=None, grad_stats=None
+        self, use_buffer, grads, normaliser=0.25, grad_weight=0.5, scalars=None, grad_stats=None
     ):
         device_scalars = None
         if scalars is not None:
@@ -112,7 +112,7 @@ class Case:
             grads=grads,
             use_buffer=use_buffer,
             normaliser=normaliser,
-            grad_scale=grad_scale,
+            grad_weight=grad_weight,
             masters=self.states("master_param") if self.master else None,
             rounding_seed=self.rounding_seed,
             device_scalars=device_scalars,

@@ -78,19 +78,20 @@ bool accumulate_chunk(typename G::acc* __restrict buffer,
   return nonfinite != 0;
 }
 
-// The applied gradient: normaliser * buffer (USE_BUFFER) + grad_scale * grad (HAS_GRADS),
-// times the factor decided on the device (1 without device scalars: exact).
+// The applied gradient: (buffer (USE_BUFFER) + grad_weight * grad (HAS_GRADS)) * normaliser,
+// times the factor decided on the device (1 without device scalars: exact). The sum is
+// completed before it is normalised, so that a window that cancels gives exactly zero.
 template <typename P, bool USE_BUFFER, bool HAS_GRADS>
 inline typename P::acc applied_gradient(const typename P::acc* __restrict buffer,
                                         const typename P::storage* __restrict grad, int64_t i,
-                                        typename P::acc normaliser, typename P::acc grad_scale,
+                                        typename P::acc normaliser, typename P::acc grad_weight,
                                         typename P::acc factor) {
   if constexpr (USE_BUFFER && HAS_GRADS) {
-    return (buffer[i] * normaliser + P::load(grad[i]) * grad_scale) * factor;
+    return ((buffer[i] + P::load(grad[i]) * grad_weight) * normaliser) * factor;
   } else if constexpr (USE_BUFFER) {
     return (buffer[i] * normaliser) * factor;
   } else {
-    return (P::load(grad[i]) * grad_scale) * factor;
+    return ((P::load(grad[i]) * grad_weight) * normaliser) * factor;
   }
 }
 
@@ -124,7 +125,7 @@ inline void store_param(typename P::acc value, typename P::storage* __restrict p
 
 template <typename acc>
 struct SgdScalars {
-  acc normaliser, grad_scale, factor, sign, lr, momentum, one_minus_dampening, weight_decay;
+  acc normaliser, grad_weight, factor, sign, lr, momentum, one_minus_dampening, weight_decay;
   bool init_momentum, nesterov;
   int64_t flat_begin;  // flat position of the chunk's first element
   uint32_t seed;
@@ -140,7 +141,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser,
-                                                             s.grad_scale, s.factor);
+                                                             s.grad_weight, s.factor);
     acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (HAS_WEIGHT_DECAY) gradient += s.weight_decay * value;
     if constexpr (HAS_MOMENTUM) {
@@ -156,7 +157,7 @@ void sgd_chunk(typename P::storage* __restrict param, const typename P::acc* __r
 
 template <typename acc>
 struct AdamScalars {
-  acc normaliser, grad_scale, factor, sign, one_minus_beta1, beta2, one_minus_beta2, eps,
+  acc normaliser, grad_weight, factor, sign, one_minus_beta1, beta2, one_minus_beta2, eps,
       weight_decay, decay_factor, step_size, inverse_bias_correction2_sqrt;
   int64_t flat_begin;  // flat position of the chunk's first element
   uint32_t seed;
@@ -175,7 +176,7 @@ void adam_chunk(typename P::storage* __restrict param, const typename P::acc* __
   for (int64_t i = 0; i < n; ++i) {
     acc gradient =
         s.sign * applied_gradient<P, USE_BUFFER, HAS_GRADS>(buffer, grad, i, s.normaliser,
-                                                             s.grad_scale, s.factor);
+                                                             s.grad_weight, s.factor);
     acc value = load_param<P, HAS_MASTER>(param, master, i);
     if constexpr (DECAY == WeightDecay::coupled) gradient += s.weight_decay * value;
     if constexpr (DECAY == WeightDecay::decoupled) value *= s.decay_factor;
@@ -304,7 +305,7 @@ void sgd_flags(void* param, const void* buffer, const void* grad, void* momentum
                int64_t flat_begin, int64_t n, const StepArgs& a) {
   using acc = typename P::acc;
   const double* device = a.device_scalars;  // [skip, grad_factor], in host memory here
-  const SgdScalars<acc> s{acc(a.normaliser),  acc(a.grad_scale), acc(device ? device[1] : 1),
+  const SgdScalars<acc> s{acc(a.normaliser),  acc(a.grad_weight), acc(device ? device[1] : 1),
                           acc(a.maximize ? -1 : 1), acc(a.lr),  acc(a.momentum),
                           acc(1 - a.dampening), acc(a.weight_decay), a.init_momentum,
                           a.nesterov,         flat_begin,        a.rounding_seed};
@@ -334,7 +335,7 @@ void adam_flags(void* param, const void* buffer, const void* grad, void* exp_avg
   // [skip, grad_factor, step_size, bias_correction2_sqrt], in host memory here
   const double* device = a.device_scalars;
   const AdamScalars<acc> s{acc(a.normaliser),
-                           acc(a.grad_scale),
+                           acc(a.grad_weight),
                            acc(device ? device[1] : 1),
                            acc(a.maximize ? -1 : 1),
                            acc(1 - a.beta1),
@@ -384,7 +385,7 @@ void gradient_stats(const void* buffer, const void* grad, int64_t n, const StepA
   using acc = typename P::acc;
   const auto* b = static_cast<const acc*>(buffer);
   const auto* g = static_cast<const typename P::storage*>(grad);
-  const acc normaliser = acc(a.normaliser), grad_scale = acc(a.grad_scale);
+  const acc normaliser = acc(a.normaliser), grad_weight = acc(a.grad_weight);
   const acc factor = acc(a.device_scalars ? a.device_scalars[1] : 1);
   acc abs_sum = 0, square_sum = 0, abs_max = 0, fresh_sum = 0;
   int nan = 0;
@@ -392,7 +393,7 @@ void gradient_stats(const void* buffer, const void* grad, int64_t n, const StepA
     reduction(| : nan)
   for (int64_t i = 0; i < n; ++i) {
     const acc magnitude =
-        std::abs(applied_gradient<P, USE_BUFFER, HAS_GRADS>(b, g, i, normaliser, grad_scale, factor));
+        std::abs(applied_gradient<P, USE_BUFFER, HAS_GRADS>(b, g, i, normaliser, grad_weight, factor));
     abs_sum += magnitude;
     square_sum += magnitude * magnitude;
     abs_max = magnitude > abs_max ? magnitude : abs_max;

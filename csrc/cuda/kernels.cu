@@ -231,14 +231,15 @@ __device__ __forceinline__ A fresh_gradient(const P* grad, int64_t i, const Step
   return a.has_grads ? static_cast<A>(grad[i]) : A(0);
 }
 
-// The gradient an update applies, before the sign of maximize: the window's sum and the
-// fresh gradient, times the device's gradient factor, as in the reference.
+// The gradient an update applies, before the sign of maximize: the window's sum completed
+// by the fresh gradient, normalised, times the device's gradient factor, as in the
+// reference (the sum first, so that a window that cancels gives exactly zero).
 template <typename A>
 __device__ __forceinline__ A applied_gradient(const A* buffer, A fresh, int64_t i,
                                               const StepArgs& a, A grad_factor) {
-  A gradient = a.use_buffer ? buffer[i] * A(a.normaliser) : A(0);
-  if (a.has_grads) gradient += fresh * A(a.grad_scale);
-  return gradient * grad_factor;
+  A gradient = a.use_buffer ? buffer[i] : A(0);
+  if (a.has_grads) gradient += fresh * A(a.grad_weight);
+  return (gradient * A(a.normaliser)) * grad_factor;
 }
 
 // A block's share of one row of the gradient statistics (spec.StepBatch.grad_stats):

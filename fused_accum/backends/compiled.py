@@ -112,7 +112,7 @@ class CompiledBackend:
         self._ops.sgd_step(
             params, batch.buffers, grads, momentum_buffers or [], batch.masters or [],
             batch.use_buffer,
-            float(batch.normaliser), float(batch.grad_scale), float(lr), float(momentum),
+            float(batch.normaliser), float(batch.grad_weight), float(lr), float(momentum),
             float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
             _seed(batch), batch.device_scalars, batch.grad_stats,
         )  # fmt: skip
@@ -139,7 +139,7 @@ class CompiledBackend:
         self._ops.adam_step(
             params, batch.buffers, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
             batch.masters or [], batch.use_buffer, float(batch.normaliser),
-            float(batch.grad_scale), int(step), float(lr), float(beta1), float(beta2), float(eps),
+            float(batch.grad_weight), int(step), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay),
             decoupled_weight_decay, amsgrad, maximize, _seed(batch), batch.device_scalars,
             batch.grad_stats,

@@ -19,11 +19,13 @@ def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
     buffer = batch.buffers[index]
     if batch.grads is None:
         gradient = buffer * batch.normaliser
-    elif not batch.use_buffer:
-        gradient = batch.grads[index].to(buffer.dtype) * batch.grad_scale
     else:
         grad = batch.grads[index].to(buffer.dtype)
-        gradient = (buffer * batch.normaliser).add_(grad, alpha=batch.grad_scale)
+        if batch.use_buffer:
+            gradient = buffer.add(grad, alpha=batch.grad_weight)
+        else:
+            gradient = grad * batch.grad_weight
+        gradient.mul_(batch.normaliser)
     if batch.device_scalars is not None:
         gradient.mul_(batch.device_scalars[1].to(buffer.dtype))
     if batch.grad_stats is not None:

@@ -18,7 +18,13 @@ load, parameters are rounded once on store.
 ``sgd_step(batch, momentum_buffers, ...)`` and ``adam_step(batch, ...)``
     Apply one update to each parameter of ``batch`` from its applied gradient
 
-        g = normaliser * buffer  (if batch.use_buffer)  +  grad_scale * grad  (if batch.grads)
+        g = (buffer  (if batch.use_buffer)  +  grad_weight * grad  (if batch.grads)) * normaliser
+
+    the window's weighted sum, completed by the fresh gradients, then normalised: a sum
+    that cancels exactly gives exactly zero (normalising the two terms apart would
+    leave a rounding remainder, which Adam would blow up to a full step). Every backend
+    forms g in this order; where it contracts ``buffer + grad_weight * grad`` into a
+    fused multiply-add the result is within one rounding of the plain one.
 
     with torch.optim's update math for SGD, Adam or AdamW, and update the parameters
     (through their fp32 masters when ``batch.masters`` is given) and state in place. A
@@ -55,9 +61,10 @@ class StepBatch:
     use_buffer: bool
     """Whether the buffers hold contributions of this window (else they are not read)."""
     normaliser: float
-    """Factor on the buffers: 1 / (total weight of the window)."""
-    grad_scale: float
-    """Factor on the fresh gradients: their micro-batch weight / total weight."""
+    """Factor on the window's sum: 1 / (total weight of the window)."""
+    grad_weight: float
+    """Factor on the fresh gradients as they join the window's sum: their micro-batch
+    weight (times the inverse loss scale of a GradScaler)."""
     masters: list[torch.Tensor] | None = None
     """fp32 master copies of bf16/fp16 parameters: the update reads and writes them,
     and the parameter receives the master rounded to its dtype. None: the parameter

@@ -181,7 +181,7 @@ def _applied_gradient(
     flat,
     mask,
     normaliser,
-    grad_scale,
+    grad_weight,
     scalars_ptr,
     stats_ptr,
     GRAD_DTYPE: tl.constexpr,
@@ -191,18 +191,19 @@ def _applied_gradient(
     HAS_DEVICE_SCALARS: tl.constexpr,
     HAS_GRAD_STATS: tl.constexpr,
 ):
-    """normaliser * buffer (if USE_BUFFER) + grad_scale * grad (if HAS_GRADS), times
+    """(buffer (if USE_BUFFER) + grad_weight * grad (if HAS_GRADS)) * normaliser, times
     the device's grad_factor (if HAS_DEVICE_SCALARS); the host never asks for
     neither term. Its statistics go to stats_ptr (if HAS_GRAD_STATS)."""
     if HAS_GRADS:
         address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
         grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
     if USE_BUFFER:
-        gradient = _load(buffer_ptr + flat, mask) * normaliser
+        gradient = _load(buffer_ptr + flat, mask)
         if HAS_GRADS:
-            gradient += grad * grad_scale
+            gradient += grad * grad_weight
     else:
-        gradient = grad * grad_scale
+        gradient = grad * grad_weight
+    gradient *= normaliser  # the sum first: a window that cancels gives exactly zero
     if HAS_DEVICE_SCALARS:
         gradient *= _device_scalar(scalars_ptr, 1)
     if HAS_GRAD_STATS:
@@ -283,7 +284,7 @@ def accumulate_kernel(
 @triton.jit
 def _sgd_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-    scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_scale, lr, momentum,
+    scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_weight, lr, momentum,
     one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
@@ -294,7 +295,7 @@ def _sgd_block(
     if HAS_DEVICE_SCALARS:
         mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
-        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
+        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_weight,
         scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
@@ -340,7 +341,7 @@ def sgd_kernel(
     numels,  # int64 [tensors]
     flat_offsets,  # int64 [tensors]
     normaliser,  # 1 / window weight
-    grad_scale,  # weight of the fresh gradients / window weight
+    grad_weight,  # weight of the fresh gradients in the window's sum
     lr,  # learning rate
     momentum,  # momentum factor
     one_minus_dampening,  # 1 - dampening of the momentum
@@ -368,7 +369,7 @@ def sgd_kernel(
     if whole:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_scale, lr,
+            scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_weight, lr,
             momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
@@ -376,7 +377,7 @@ def sgd_kernel(
     else:
         _sgd_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
-            scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_scale,
+            scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_weight,
             lr, momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
@@ -387,7 +388,7 @@ def sgd_kernel(
 def _adam_block(
     params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
     max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, mask,
-    normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
@@ -399,7 +400,7 @@ def _adam_block(
         step_size = _device_scalar(scalars_ptr, 2)
         bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
-        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_scale,
+        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_weight,
         scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
@@ -451,7 +452,7 @@ def adam_kernel(
     numels,  # int64 [tensors]
     flat_offsets,  # int64 [tensors]
     normaliser,  # 1 / window weight
-    grad_scale,  # weight of the fresh gradients / window weight
+    grad_weight,  # weight of the fresh gradients in the window's sum
     one_minus_beta1,  # 1 - beta1: weight of the gradient in the first moment
     beta2,  # second-moment decay
     one_minus_beta2,  # 1 - beta2
@@ -483,7 +484,7 @@ def adam_kernel(
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, None,
-            normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
             decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
             POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
             HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
@@ -492,7 +493,7 @@ def adam_kernel(
         _adam_block(
             params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat,
-            local < numel, normaliser, grad_scale, one_minus_beta1, beta2, one_minus_beta2, eps,
+            local < numel, normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps,
             weight_decay, decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE,
             GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED,
             AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,

@@ -176,7 +176,7 @@ def _sweep_providers(op: str, elements: int, dtype: torch.dtype, device: str):
         states = [torch.zeros(elements, device=device) for _ in range(2)]
         batch = StepBatch(
             params=[param], buffers=[buffer], grads=None, use_buffer=True, normaliser=0.125,
-            grad_scale=0.0,
+            grad_weight=0.0,
         )  # fmt: skip
         if optimizer == "adamw":
             run = lambda b=backend, s=states, q=batch: b.adam_step(  # noqa: E731
