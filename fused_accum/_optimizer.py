@@ -123,6 +123,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._pending_weight = 1.0
         self._folded_since_step = False
+        # a fold in backward failed after others of its micro-batch had run
+        self._incomplete_micro_batch = False
         super().__init__(params, defaults)
         if self._loss_scaling is not None:
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
@@ -216,7 +218,12 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     # -------------------------------------------------------------- gradient intake
 
-    def _check_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+    def _check_grad(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        consequence: str = "nothing was accumulated",
+    ) -> None:
         group, index = self._accumulation.slots[id(param)]
         shape = group.shapes[index]
         # the common case, cheaply: every micro-step checks every parameter
@@ -254,7 +261,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         elif grad.device != param.device:
             problem = f"has a gradient on {grad.device} but lives on {param.device}"
         if problem is not None:
-            raise RuntimeError(f"{self._describe(param)} {problem}; nothing was accumulated")
+            raise RuntimeError(f"{self._describe(param)} {problem}; {consequence}")
 
     def _take_grads(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], set[int]]:
         """Every present .grad, checked first and only then released (set to None),
@@ -281,11 +288,24 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             optimizer = optimizer_ref()
             if optimizer is None or param.grad is None:
                 return
-            optimizer._check_grad(param, param.grad)
+            optimizer._refuse_if_incomplete()
+            # Backward stops at the first error, but the hooks that ran before folded
+            # their gradients: the window then holds part of a micro-batch, which no
+            # repetition can mend, so it must be discarded.
+            partial = optimizer._folded_since_step
+            consequence = "nothing was accumulated"
+            if partial:
+                consequence = (
+                    "its gradient was not accumulated, but backward had already folded "
+                    "other gradients of this micro-batch, so the window holds part of it: "
+                    "call discard_window() and redo the window's micro-batches (step(), "
+                    "flush() and backward refuse until then)"
+                )
             grad = param.grad
-            param.grad = None
-            private = {id(param)} if is_private(grad) else ()  # before the list holds it
             try:
+                optimizer._check_grad(param, grad, consequence)
+                param.grad = None
+                private = {id(param)} if is_private(grad) else ()  # before a list holds it
                 optimizer._accumulation.fold(
                     [(param, grad)],
                     optimizer._pending_weight,
@@ -295,6 +315,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 )
             except BaseException:
                 param.grad = grad  # not folded: the gradient stays where it was
+                optimizer._incomplete_micro_batch = partial
                 raise
             optimizer._folded_since_step = True
 
@@ -425,8 +446,27 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     def set_weight(self, weight: float | torch.Tensor) -> None:
         """Set the weight of the current micro-batch: the one whose backward comes next
         with ``accumulate_in_backward=True``, or the next step() without ``weight=``.
-        It applies to one micro-step; then the weight is 1 again."""
-        self._pending_weight = check_weight(weight)
+        It applies to one micro-step; then the weight is 1 again.
+
+        With ``accumulate_in_backward=True``, once backward has folded gradients of the
+        micro-batch its weight can no longer change (they were folded with it): a
+        different weight then raises an error."""
+        weight = check_weight(weight)
+        if self._folded_since_step and weight != self._pending_weight:
+            raise RuntimeError(
+                f"backward already folded this micro-batch's gradients with weight "
+                f"{self._pending_weight}; give the weight before its backward "
+                f"(set_weight(), then backward, then step())"
+            )
+        self._pending_weight = weight
+
+    def _refuse_if_incomplete(self) -> None:
+        if self._incomplete_micro_batch:
+            raise RuntimeError(
+                "a fold in backward failed after others of the same micro-batch had run, "
+                "so the window holds part of a micro-batch: call discard_window() and "
+                "redo the window's micro-batches"
+            )
 
     @torch.no_grad()
     def step(
@@ -453,10 +493,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 "backward; give the micro-batch weight before backward with "
                 "optimizer.set_weight(weight) instead of step(weight=...)"
             )
+        self._refuse_if_incomplete()
         weight = self._pending_weight if weight is None else check_weight(weight)
         inverse_loss_scale, overflow = self._grad_scaler_inputs()
-        self._pending_weight = 1.0
-        self._folded_since_step = False
         if self.accumulate_in_backward:
             self._register_hooks(self._all_params())
         pairs, private = self._take_grads()
@@ -478,6 +517,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 raise
             if self._grad_stats is not None:
                 self._grad_stats.close_micro_step()
+        # the micro-batch is taken: its weight and its folds in backward are counted now
+        self._pending_weight = 1.0
+        self._folded_since_step = False
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight
@@ -522,6 +564,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         end of an epoch whose micro-batch count is not a multiple of
         ``accumulation_steps``). Returns whether an update was applied; with no
         micro-step in the window it does nothing."""
+        self._refuse_if_incomplete()
         if self._folded_since_step:
             raise RuntimeError(
                 "gradients were folded in by backward after the last step(); call "
@@ -539,7 +582,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
 
     def discard_window(self) -> None:
         """Drop everything accumulated since the last update (buffers, micro-step count
-        and weight) without applying it. zero_grad() never does this."""
+        and weight, the weight given by :meth:`set_weight`, and any part of a
+        micro-batch folded in backward) without applying it. zero_grad() never does
+        this."""
         self._accumulation.end_window()
         if self._grad_stats is not None:
             self._grad_stats.discard()
@@ -547,6 +592,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             self._loss_scale.found_inf.zero_()
         self._pending_weight = 1.0
         self._folded_since_step = False
+        self._incomplete_micro_batch = False
 
     def _apply_window(
         self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
@@ -601,7 +647,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                         grads=None if grad is None else [],
                         use_buffer=use_buffer,
                         normaliser=1.0 / total_weight,
-                        grad_scale=fresh_factor / total_weight,
+                        grad_weight=fresh_factor,
                         masters=None if master is None else [],
                         rounding_seed=self._update_rounding_seed(param),
                     )

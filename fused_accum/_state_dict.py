@@ -19,11 +19,17 @@ class StateDictMixin:
     _flat_state_names: tuple[str, ...]
     _rounding_seed: int
     _loss_scale: Any
+    _pending_weight: float
+    _folded_since_step: bool
+    _incomplete_micro_batch: bool
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict (loadable by torch.optim.SGD/Adam/AdamW, which
         ignore the extra entry), plus ``"accumulation"``: the current window's buffers
-        and counters, so that a run stopped mid-window resumes exactly."""
+        and counters, and the micro-batch in progress (its weight from
+        :meth:`set_weight`, and with ``accumulate_in_backward`` whether backward already
+        folded part of it), so that a run stopped mid-window, even between a backward
+        and its step(), resumes exactly."""
         state_dict = super().state_dict()
         accumulation = self._accumulation
         state_dict["accumulation"] = {
@@ -34,6 +40,11 @@ class StateDictMixin:
             "last_step_applied": accumulation.last_step_applied,
             "overflowed": accumulation.overflowed,
             "rounding_seed": self._rounding_seed,
+            # the micro-batch in progress: its weight, and whether backward already
+            # folded some of its gradients (accumulate_in_backward) or failed doing so
+            "pending_weight": self._pending_weight,
+            "folded_since_step": self._folded_since_step,
+            "incomplete_micro_batch": self._incomplete_micro_batch,
             "buffers": {
                 index: accumulation.buffer_view(param)
                 for index, param in enumerate(self._all_params())
@@ -82,6 +93,9 @@ class StateDictMixin:
         accumulation.last_step_applied = bool(window.get("last_step_applied", False))
         accumulation.overflowed = bool(window.get("overflowed", False))
         self._rounding_seed = int(window.get("rounding_seed", self._rounding_seed))
+        self._pending_weight = float(window.get("pending_weight", 1.0))
+        self._folded_since_step = bool(window.get("folded_since_step", False))
+        self._incomplete_micro_batch = bool(window.get("incomplete_micro_batch", False))
         self._load_loss_scale(window)
 
     def _load_loss_scale(self, window: dict[str, Any]) -> None:
