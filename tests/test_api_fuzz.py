@@ -20,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import weakref
 from collections import Counter
 
 import pytest
@@ -327,8 +328,10 @@ class ApiMachine(RuleBasedStateMachine):
         groups = [{"params": group["params"]} for group in self.optimizer.param_groups]
         # accumulation_steps is a setting, not state: the user gives it again
         self.options["accumulation_steps"] = self.optimizer.accumulation_steps
+        old = weakref.ref(self.optimizer)
         self.optimizer = None
-        gc.collect()  # the old optimizer's backward hooks must be gone
+        if old() is not None:  # freed by reference counting, as a rule; else:
+            gc.collect()  # its backward hooks must be gone
         self.optimizer = self._new_optimizer(groups)
         self.optimizer.load_state_dict(state_dict)
         self.oracle.new_optimizer([p.requires_grad for p in self.params])
