@@ -2,22 +2,22 @@
 
 Each spec call becomes one kernel launch, whatever the number of tensors: the launch
 covers every block of every tensor through block tables built once per tensor layout.
-On a GPU, gradients and parameters are reached through int64 address tables; under
-the Triton interpreter (CPU tensors, tests) addresses cannot be loaded from memory, so
-the operands are staged into one flat copy laid out like the buffers, and the
-parameters are copied back after the launch (a skipped step leaves the staged copy
-unchanged, so the copy-back leaves the parameters bit for bit as they were).
+Gradients and parameters are reached through int64 address tables, on a GPU and under
+the Triton interpreter alike (tests run on CPU tensors through the same addressing as
+a GPU); an interpreter that cannot follow them makes the backend unavailable there,
+with the reason, rather than run other code.
 
-Nothing here reads a device tensor on the host: ``found_inf``, ``sum_sq``,
-``grad_sum_sq``, ``StepBatch.device_scalars`` and ``StepBatch.grad_stats`` go to the
-kernels as pointers. The first call with a new set of tensors copies its block and
-address tables to the device, which waits; once they are cached (every window after
-the first, for a fixed model), no call synchronises.
+Every launch runs on its tensors' device and that device's current stream. Nothing
+here reads a device tensor on the host: ``found_inf``, ``sum_sq``, ``grad_sum_sq``,
+``StepBatch.device_scalars`` and ``StepBatch.grad_stats`` go to the kernels as
+pointers. Tables go to the device from pinned memory without blocking the host, and
+recent ones are kept, so a fixed model's calls upload nothing after the first window.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -48,12 +48,43 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return None
     if device.type == "cpu":
         if interpreter_active():
-            return None
+            return _interpreter_problem()
         return (
             "Triton runs on CUDA tensors, and on CPU tensors only under the Triton "
             "interpreter (TRITON_INTERPRET=1 set before triton is imported)"
         )
     return f"Triton does not run on {device.type} tensors"
+
+
+_INTERPRETER_PROBLEM: list[str | None] = []
+
+
+def _interpreter_problem() -> str | None:
+    """Why this Triton interpreter cannot run the kernels (it does not follow an address
+    loaded from a table, as triton < 3.8 does not), or None; found once by a probe."""
+    if not _INTERPRETER_PROBLEM:
+        from .triton_kernels import follows_address_tables
+
+        problem = None
+        if not follows_address_tables():
+            import triton
+
+            problem = (
+                f"the Triton interpreter of triton {triton.__version__} does not follow "
+                f"address tables, which the kernels use on a GPU; the tests need one that "
+                f"does (triton >= 3.8)"
+            )
+        _INTERPRETER_PROBLEM.append(problem)
+    return _INTERPRETER_PROBLEM[0]
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``; to a GPU from pinned memory, without
+    making the host wait (the caching host allocator keeps the pinned block until the
+    copy is done)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class _Layout:
@@ -68,10 +99,10 @@ class _Layout:
         block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
         block_index = torch.arange(self.num_blocks, dtype=torch.int64)
         block_start = (block_index - torch.repeat_interleave(first_block, counts)) * self.block
-        self.block_tensor = block_tensor.to(device)
-        self.block_start = block_start.to(device)
-        self.numels = numels_table.to(device)
-        self.flat_offsets = torch.tensor(flat_offsets, dtype=torch.int64, device=device)
+        self.block_tensor = _upload(block_tensor, device)
+        self.block_start = _upload(block_start, device)
+        self.numels = _upload(numels_table, device)
+        self.flat_offsets = _upload(torch.tensor(flat_offsets, dtype=torch.int64), device)
 
     def args(self) -> tuple[torch.Tensor, ...]:
         return self.block_tensor, self.block_start, self.numels, self.flat_offsets
@@ -92,51 +123,20 @@ def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor] | None = None
 
 
 class _Operand:
-    """Gradients or parameters as the kernels reach them, in one of three ways:
+    """Gradients or parameters as the kernels reach them: a table of their addresses.
+    One that is not in its buffer's memory order or not 16-byte aligned is reached
+    through a copy that is (``write_back`` returns the values to the tensor)."""
 
-    - one tensor: itself as the base (offset 0), nothing copied;
-    - several, on a GPU: a table of their addresses;
-    - several, under the interpreter: staged into one flat copy laid out like the
-      buffers (``write_back`` returns the values to the tensors).
-    """
-
-    def __init__(
-        self,
-        tensors: list[torch.Tensor],
-        views: list[torch.Tensor],
-        base_numel: int,
-        backend: TritonBackend,
-    ):
+    def __init__(self, tensors: list[torch.Tensor], views: list[torch.Tensor], backend):
         self.tensors = tensors
-        self.views = views
         self.in_layout = [
             like_buffer(t, v, alignment=16) for t, v in zip(tensors, views, strict=True)
         ]
-        self.staged = False
-        self.pointer_table = len(tensors) > 1 and not interpreter_active()
-        device = tensors[0].device
-        if len(tensors) == 1:
-            self.base = self.in_layout[0]
-            self.offsets = backend.zero_offsets(device)
-        elif self.pointer_table:
-            self.base = backend.address_table([t.data_ptr() for t in self.in_layout], device)
-            self.offsets = self.base  # unused by the kernel
-        else:
-            self.staged = True
-            self.base = torch.zeros(base_numel, dtype=tensors[0].dtype, device=device)
-            self.offsets = torch.tensor(
-                [v.storage_offset() for v in views], dtype=torch.int64, device=device
-            )
-            for view, tensor in zip(views, self.in_layout, strict=True):
-                self._slot(view).copy_(tensor)
-
-    def _slot(self, view: torch.Tensor) -> torch.Tensor:
-        return self.base.as_strided(view.shape, view.stride(), view.storage_offset())
+        self.table = backend.address_table(
+            [t.data_ptr() for t in self.in_layout], tensors[0].device
+        )
 
     def write_back(self) -> None:
-        if self.staged:
-            for in_layout, view in zip(self.in_layout, self.views, strict=True):
-                in_layout.copy_(self._slot(view))
         write_back(self.tensors, self.in_layout)
 
 
@@ -181,14 +181,13 @@ class TritonBackend:
     """Fused Triton kernels: one launch per call."""
 
     name = "triton"
-    flat_buffers_only = True  # offsets into one flat tensor; the interpreter has no tables
+    flat_buffers_only = True  # buffers and state are offsets into one flat tensor
 
     def __init__(self) -> None:
         from . import triton_kernels
 
         self._kernels = triton_kernels
         self._layouts: dict[tuple, _Layout] = {}
-        self._zero_offsets: dict[torch.device, torch.Tensor] = {}
         self._address_tables: dict[tuple, torch.Tensor] = {}
         self.launches = 0  # kernel launches so far; read by tests
 
@@ -203,16 +202,6 @@ class TritonBackend:
             layout = _Layout(flat_offsets, numels, buffers[0].device)
         return _keep_recent(self._layouts, key, layout)
 
-    def _operand(self, tensors, buffers, base: torch.Tensor) -> _Operand:
-        return _Operand(tensors, buffers, base.numel(), self)
-
-    def zero_offsets(self, device: torch.device) -> torch.Tensor:
-        """A one-entry offset table holding 0, for a single tensor used as its own base."""
-        table = self._zero_offsets.get(device)
-        if table is None:
-            table = self._zero_offsets[device] = torch.zeros(1, dtype=torch.int64, device=device)
-        return table
-
     def address_table(self, addresses: list[int], device: torch.device) -> torch.Tensor:
         """The addresses as an int64 tensor on ``device``. Recent tables are kept: the
         caching allocator tends to hand gradients the same addresses every micro-step,
@@ -220,13 +209,17 @@ class TritonBackend:
         key = (device, tuple(addresses))
         table = self._address_tables.pop(key, None)
         if table is None:
-            table = torch.tensor(addresses, dtype=torch.int64, device=device)
+            table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
         return _keep_recent(self._address_tables, key, table)
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
         if layout.num_blocks == 0:
             return
-        kernel[(layout.num_blocks,)](*args, BLOCK=layout.block, **constexprs)
+        device = layout.numels.device
+        # Triton launches on the current device and its current stream: make them the
+        # tensors' (parameters on cuda:1 must not get kernels on cuda:0)
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            kernel[(layout.num_blocks,)](*args, BLOCK=layout.block, **constexprs)
         self.launches += 1
 
     def accumulate(
@@ -244,20 +237,18 @@ class TritonBackend:
             return
         base = _flat_base(buffers)
         layout = self._layout(buffers)
-        grad_operand = self._operand(grads, buffers, base)
+        grad_operand = _Operand(grads, buffers, self)
         self._launch(
             self._kernels.accumulate_kernel,
             layout,
             base,
-            grad_operand.base,
-            grad_operand.offsets,
+            grad_operand.table,
             base if found_inf is None else found_inf,
             base if sum_sq is None else sum_sq,
             base if grad_sum_sq is None else grad_sum_sq,
             *layout.args(),
             float(scale),
             GRAD_DTYPE=_tl_dtype(grads[0].dtype),
-            POINTER_TABLE=grad_operand.pointer_table,
             OVERWRITE=overwrite,
             CHECK_FINITE=found_inf is not None,
             HAS_SUM_SQ=sum_sq is not None,
@@ -267,15 +258,14 @@ class TritonBackend:
     def _step_operands(self, batch: StepBatch):
         base = _flat_base(batch.buffers)
         layout = self._layout(batch.buffers)
-        params = self._operand(batch.params, batch.buffers, base)
-        grads = params if batch.grads is None else self._operand(batch.grads, batch.buffers, base)
+        params = _Operand(batch.params, batch.buffers, self)
+        grads = params if batch.grads is None else _Operand(batch.grads, batch.buffers, self)
         return base, layout, params, grads
 
-    def _common_constexprs(self, batch: StepBatch, params: _Operand, grads: _Operand) -> dict:
+    def _common_constexprs(self, batch: StepBatch) -> dict:
         return dict(
             PARAM_DTYPE=_tl_dtype(batch.params[0].dtype),
             GRAD_DTYPE=_tl_dtype((batch.grads or batch.params)[0].dtype),
-            POINTER_TABLE=params.pointer_table,
             USE_BUFFER=batch.use_buffer,
             HAS_GRADS=batch.grads is not None,
             HAS_MASTER=batch.masters is not None,
@@ -330,11 +320,9 @@ class TritonBackend:
         self._launch(
             self._kernels.sgd_kernel,
             layout,
-            params.base,
-            params.offsets,
+            params.table,
             base,
-            grads.base,
-            grads.offsets,
+            grads.table,
             momentum_base,
             self._master_base(batch, base),
             self._scalars(batch, base),
@@ -347,7 +335,7 @@ class TritonBackend:
             float(1 - dampening),
             float(weight_decay),
             batch.rounding_seed or 0,
-            **self._common_constexprs(batch, params, grads),
+            **self._common_constexprs(batch),
             HAS_WEIGHT_DECAY=weight_decay != 0,
             HAS_MOMENTUM=momentum != 0,
             INIT_MOMENTUM=init_momentum,
@@ -380,11 +368,9 @@ class TritonBackend:
         self._launch(
             self._kernels.adam_kernel,
             layout,
-            params.base,
-            params.offsets,
+            params.table,
             base,
-            grads.base,
-            grads.offsets,
+            grads.table,
             exp_avg_base,
             _flat_base(exp_avg_sqs, batch.buffers),
             exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
@@ -402,7 +388,7 @@ class TritonBackend:
             float(1 - lr * weight_decay),
             *_bias_corrections(batch, step=step, lr=lr, beta1=beta1, beta2=beta2),
             batch.rounding_seed or 0,
-            **self._common_constexprs(batch, params, grads),
+            **self._common_constexprs(batch),
             HAS_WEIGHT_DECAY=weight_decay != 0,
             DECOUPLED=decoupled_weight_decay,
             AMSGRAD=amsgrad,

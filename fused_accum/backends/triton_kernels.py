@@ -4,13 +4,10 @@ tensors it covers.
 Every program handles one block of one tensor, found through two small tables
 (``block_tensor``, ``block_start``). Buffers and optimizer state are flat: tensor ``t``
 starts at ``flat_offsets[t]``, a multiple of 16 elements. Gradients and parameters
-live where autograd and the model put them, so they are reached in one of two ways,
-chosen by ``POINTER_TABLE``:
-
-- a table of int64 addresses, one per tensor, each 16-byte aligned (GPU; the Triton
-  interpreter cannot dereference an address loaded from memory);
-- a base tensor plus a per-tensor element offset (tensors staged into one flat copy
-  laid out like the buffers, as under the interpreter).
+live where autograd and the model put them, so they are reached through tables of
+int64 addresses, one per tensor, each 16-byte aligned. This one way of addressing runs
+on a GPU and, in CI, under the Triton interpreter, which follows such tables on CPU
+tensors (triton >= 3.8; see triton_backend.interpreter_follows_tables).
 
 A block that lies wholly inside its tensor runs unmasked, so that with the alignment
 hints its loads and stores are vectorised; only a tensor's last block is masked.
@@ -69,18 +66,38 @@ def _block(
 
 @triton.jit
 def _address(
-    operand,  # int64 address table, or base tensor
-    operand_offsets,  # int64 [tensors]: element offset of each tensor from the base
+    table,  # int64 [tensors]: the address of each tensor, 16-byte aligned
     tensor,
     local,
     DTYPE: tl.constexpr,
-    POINTER_TABLE: tl.constexpr,
 ):
-    if POINTER_TABLE:
-        base = tl.multiple_of(tl.load(operand + tensor).to(tl.pointer_type(DTYPE)), _ALIGNMENT)
-        return base + local
-    else:
-        return operand + tl.multiple_of(tl.load(operand_offsets + tensor), _ALIGNMENT) + local
+    """Pointers to elements ``local`` of tensor ``tensor``, read from the table."""
+    address = tl.load(table + tensor).to(tl.pointer_type(DTYPE), bitcast=True)
+    return tl.multiple_of(address, _ALIGNMENT) + local
+
+
+@triton.jit
+def _table_probe_kernel(table, out, BLOCK: tl.constexpr):
+    # written apart from _address, so that a fault there fails the tests, not this probe
+    source = tl.load(table).to(tl.pointer_type(tl.float32), bitcast=True)
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out + offsets, tl.load(source + offsets))
+
+
+def follows_address_tables() -> bool:
+    """Whether this Triton reaches CPU tensors through an address loaded from a table,
+    as every kernel here does (the interpreter of triton >= 3.8 does): a 16-element
+    probe."""
+    import torch
+
+    source = torch.arange(1.0, 17.0)
+    out = torch.zeros(16)
+    table = torch.tensor([source.data_ptr()], dtype=torch.int64)
+    try:
+        _table_probe_kernel[(1,)](table, out, BLOCK=16)
+    except Exception:  # an interpreter that cannot cast an integer to a pointer
+        return False
+    return torch.equal(out, source)
 
 
 @triton.jit
@@ -175,7 +192,6 @@ def _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask,
 def _applied_gradient(
     buffer_ptr,
     grads,
-    grad_offsets,
     tensor,
     local,
     flat,
@@ -185,7 +201,6 @@ def _applied_gradient(
     scalars_ptr,
     stats_ptr,
     GRAD_DTYPE: tl.constexpr,
-    POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
     HAS_DEVICE_SCALARS: tl.constexpr,
@@ -195,7 +210,7 @@ def _applied_gradient(
     the device's grad_factor (if HAS_DEVICE_SCALARS); the host never asks for
     neither term. Its statistics go to stats_ptr (if HAS_GRAD_STATS)."""
     if HAS_GRADS:
-        address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
+        address = _address(grads, tensor, local, GRAD_DTYPE)
         grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
     if USE_BUFFER:
         gradient = _load(buffer_ptr + flat, mask)
@@ -219,12 +234,12 @@ def _applied_gradient(
 
 @triton.jit
 def _accumulate_block(
-    buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
-    local, flat, mask, scale, GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr,
+    buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+    local, flat, mask, scale, GRAD_DTYPE: tl.constexpr,
     OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
     HAS_GRAD_SUM_SQ: tl.constexpr,
 ):  # fmt: skip
-    address = _address(grads, grad_offsets, tensor, local, GRAD_DTYPE, POINTER_TABLE)
+    address = _address(grads, tensor, local, GRAD_DTYPE)
     grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
     if CHECK_FINITE:
         nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
@@ -246,8 +261,7 @@ def _accumulate_block(
 @triton.jit
 def accumulate_kernel(
     buffer_ptr,  # flat fp32 accumulation buffer of the group
-    grads,  # gradients: address table or base tensor
-    grad_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    grads,  # int64 [tensors]: addresses of the gradients
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
     sum_sq_ptr,  # one fp32 total, the squares of the new buffer values added to it
     grad_sum_sq_ptr,  # one fp32 total, the squares of the gradients added to it
@@ -257,7 +271,6 @@ def accumulate_kernel(
     flat_offsets,  # int64 [tensors]
     scale,  # weight of this micro-batch
     GRAD_DTYPE: tl.constexpr,  # element type of the gradients
-    POINTER_TABLE: tl.constexpr,  # grads is an address table
     OVERWRITE: tl.constexpr,  # first contribution of the window: do not read the buffer
     CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
     HAS_SUM_SQ: tl.constexpr,  # add to sum_sq
@@ -269,24 +282,24 @@ def accumulate_kernel(
     )
     if whole:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
-            local, flat, None, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE, CHECK_FINITE,
+            buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            local, flat, None, scale, GRAD_DTYPE, OVERWRITE, CHECK_FINITE,
             HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
     else:
         _accumulate_block(
-            buffer_ptr, grads, grad_offsets, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
-            local, flat, local < numel, scale, GRAD_DTYPE, POINTER_TABLE, OVERWRITE,
+            buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            local, flat, local < numel, scale, GRAD_DTYPE, OVERWRITE,
             CHECK_FINITE, HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
 
 
 @triton.jit
 def _sgd_block(
-    params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+    params, buffer_ptr, grads, momentum_ptr, master_ptr,
     scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_weight, lr, momentum,
     one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
-    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     INIT_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr,
@@ -295,13 +308,13 @@ def _sgd_block(
     if HAS_DEVICE_SCALARS:
         mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
-        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_weight,
-        scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        buffer_ptr, grads, tensor, local, flat, mask, normaliser, grad_weight,
+        scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
-    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
+    param_address = _address(params, tensor, local, PARAM_DTYPE)
     if HAS_MASTER:
         param = _load(master_ptr + flat, mask)
     else:
@@ -327,11 +340,9 @@ def _sgd_block(
 
 @triton.jit
 def sgd_kernel(
-    params,  # parameters: address table or base tensor
-    param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    params,  # int64 [tensors]: addresses of the parameters
     buffer_ptr,  # flat accumulation buffer
-    grads,  # fresh gradients of the last micro-step: address table or base tensor
-    grad_offsets,  # int64 [tensors]
+    grads,  # int64 [tensors]: addresses of the last micro-step's fresh gradients
     momentum_ptr,  # flat momentum buffers
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
@@ -349,7 +360,6 @@ def sgd_kernel(
     seed,  # this update's seed of stochastic rounding
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
-    POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
@@ -368,29 +378,29 @@ def sgd_kernel(
     )
     if whole:
         _sgd_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+            params, buffer_ptr, grads, momentum_ptr, master_ptr,
             scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_weight, lr,
             momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
-            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
     else:
         _sgd_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, momentum_ptr, master_ptr,
+            params, buffer_ptr, grads, momentum_ptr, master_ptr,
             scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_weight,
             lr, momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
-            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
 
 
 @triton.jit
 def _adam_block(
-    params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+    params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
     max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, mask,
     normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
-    GRAD_DTYPE: tl.constexpr, POINTER_TABLE: tl.constexpr, USE_BUFFER: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr, HAS_GRAD_STATS: tl.constexpr,
@@ -400,13 +410,13 @@ def _adam_block(
         step_size = _device_scalar(scalars_ptr, 2)
         bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
-        buffer_ptr, grads, grad_offsets, tensor, local, flat, mask, normaliser, grad_weight,
-        scalars_ptr, stats_ptr, GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS,
+        buffer_ptr, grads, tensor, local, flat, mask, normaliser, grad_weight,
+        scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
         gradient = -gradient
-    param_address = _address(params, param_offsets, tensor, local, PARAM_DTYPE, POINTER_TABLE)
+    param_address = _address(params, tensor, local, PARAM_DTYPE)
     if HAS_MASTER:
         param = _load(master_ptr + flat, mask)
     else:
@@ -436,11 +446,9 @@ def _adam_block(
 
 @triton.jit
 def adam_kernel(
-    params,  # parameters: address table or base tensor
-    param_offsets,  # int64 [tensors]: offsets from the base (unused with a table)
+    params,  # int64 [tensors]: addresses of the parameters
     buffer_ptr,  # flat accumulation buffer
-    grads,  # fresh gradients of the last micro-step: address table or base tensor
-    grad_offsets,  # int64 [tensors]
+    grads,  # int64 [tensors]: addresses of the last micro-step's fresh gradients
     exp_avg_ptr,  # flat first moments
     exp_avg_sq_ptr,  # flat second moments
     max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
@@ -464,7 +472,6 @@ def adam_kernel(
     seed,  # this update's seed of stochastic rounding
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
-    POINTER_TABLE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
@@ -482,19 +489,19 @@ def adam_kernel(
     )
     if whole:
         _adam_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+            params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, None,
             normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
             decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
-            POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
+            USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
             HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
     else:
         _adam_block(
-            params, param_offsets, buffer_ptr, grads, grad_offsets, exp_avg_ptr, exp_avg_sq_ptr,
+            params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat,
             local < numel, normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps,
             weight_decay, decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE,
-            GRAD_DTYPE, POINTER_TABLE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED,
+            GRAD_DTYPE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED,
             AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
