@@ -61,12 +61,11 @@ def _facts(name, arch, variant, extra, ptx):
     }
 
 
-def _operands(table, param_dtype, acc):
-    operand = "*i64" if table else f"*{param_dtype}"
+def _operands(acc):
     flat = f"*{acc}"
     return {
-        "grads": operand,
-        "params": operand,
+        "grads": "*i64",  # address tables
+        "params": "*i64",
         "buffer_ptr": flat,
         "momentum_ptr": flat,
         "exp_avg_ptr": flat,
@@ -91,13 +90,11 @@ def variants():
     inputs compiled in ("" for none): ACCUMULATE_EXTRAS for accumulate, STEP_EXTRAS
     (device scalars, gradient statistics) for the steps."""
     dtypes = ("fp32", "bf16", "fp16")
-    for arch, table, dtype, level in itertools.product(
-        (80, 90), (True, False), dtypes, range(len(STEP_EXTRAS))
-    ):
+    for arch, dtype, level in itertools.product((80, 90), dtypes, range(len(STEP_EXTRAS))):
         extra = ACCUMULATE_EXTRAS[level]
-        operands = _operands(table, dtype, "fp32")
-        common = dict(POINTER_TABLE=table, BLOCK=1024)
-        variant = f"{dtype} table={table}"
+        operands = _operands("fp32")
+        common = dict(BLOCK=1024)
+        variant = dtype
         yield (
             "accumulate", arch, variant, extra,
             _compile(kernels.accumulate_kernel, arch, operands,
