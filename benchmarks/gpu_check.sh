@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# On a CUDA machine, in one command and without network: build the compiled kernels if
-# a toolkit is there, run the CUDA tests and the GPU benchmarks (kernel sweeps and
-# whole windows, `python -m fused_accum bench`), and leave every log, CSV and PNG in
-# one folder (first argument, default gpu_check/). About 5-10 minutes.
+# On a CUDA machine, in one command and without network: build the compiled kernels
+# (the CUDA ones demanded), run the whole test suite with every GPU test expected to
+# run, then the GPU benchmarks (kernel sweeps and whole windows, `python -m fused_accum
+# bench`), and leave every log, CSV and PNG in one folder (first argument, default
+# gpu_check/). About 5-10 minutes.
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# Uses the torch and triton already installed; installs nothing.
+# Uses the torch and triton already installed; installs nothing. Exits non-zero when
+# the CUDA extension did not build, when a test failed, or when any test that needs
+# CUDA was skipped; summary.txt (printed at the end) says which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
@@ -29,20 +32,49 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   exit 1
 fi
 
-echo "== building the compiled kernels (CUDA when a toolkit is found)"
-if FUSED_ACCUM_CUDA=auto python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
-  echo "built"
-else
-  echo "build failed (see build.log): the cpu/cuda backends are skipped, Triton still runs"
-fi
+echo "== building the compiled kernels, CUDA included"
+build="ok"
+FUSED_ACCUM_CUDA=1 python setup.py build_ext --inplace > "$out/build.log" 2>&1 || build="FAILED"
+python - >> "$out/build.log" 2>&1 <<'PY' || build="FAILED"
+import torch
+from fused_accum.backends import resolve_backend
+resolve_backend("cuda", torch.device("cuda"), torch.float32)  # raises if the CUDA ops are missing
+print("the CUDA backend resolves")
+PY
+echo "build: $build"
 
-echo "== tests (the whole suite; the CUDA ones run here)"
-python -m pytest -q -p no:cacheprovider tests > "$out/tests.log" 2>&1
-status=$?
+echo "== tests (the whole suite; every GPU test must run here)"
+FUSED_ACCUM_EXPECT_COMPILED=1 python -m pytest -q -rs -p no:cacheprovider tests \
+  > "$out/tests.log" 2>&1
+tests_status=$?
 tail -n 3 "$out/tests.log"
+# -rs lists every skip with its reason; on a CUDA machine none may be for want of CUDA,
+# of the CUDA kernels or of Triton (CPU-only cases, such as Triton's interpreter, may be)
+gpu_path='needs CUDA|no CUDA kernels|compiled kernels are not built|triton cannot be imported'
+cuda_skips=$(grep -E '^SKIPPED \[[0-9]+\]' "$out/tests.log" | grep -E "$gpu_path" \
+  | sed -E 's/^SKIPPED \[([0-9]+)\].*/\1/' | awk '{total += $1} END {print total + 0}')
 
 echo "== GPU benchmarks (CSV and PNG in $out/bench)"
+bench="ok"
 python -m fused_accum bench --device cuda --out "$out/bench" --no-progress \
-  > "$out/bench.log" 2>&1 || echo "benchmarks failed (see bench.log)"
+  > "$out/bench.log" 2>&1 || bench="FAILED"
 tail -n 30 "$out/bench.log"
+
+counts=$(tail -n 1 "$out/tests.log")
+status=0
+[ "$build" = ok ] || status=1
+[ "$tests_status" -eq 0 ] || status=1
+[ "$cuda_skips" -eq 0 ] || status=1
+{
+  echo "| check | result |"
+  echo "| --- | --- |"
+  echo "| device | $(sed -n 's/^device //p' "$out/environment.txt") |"
+  echo "| CUDA extension built | $build |"
+  echo "| tests | $counts |"
+  echo "| GPU tests skipped | $cuda_skips (must be 0) |"
+  echo "| benchmarks | $bench |"
+  echo "| gpu_check | $([ $status -eq 0 ] && echo passed || echo FAILED) |"
+} > "$out/summary.txt"
+echo "== summary"
+cat "$out/summary.txt"
 exit $status
