@@ -92,12 +92,16 @@ class AccumulationState:
 
     def step_buffer(self, param: torch.Tensor, fresh: torch.Tensor | None) -> torch.Tensor:
         """The buffer a step is given for ``param``. When the window holds no sum for
-        it, the buffer is not read and only lends its layout: the fresh gradient
-        ``fresh`` serves where it can, so that the flat buffer is not allocated for it."""
-        if id(param) not in self.holds_sum and fresh is not None:
+        it, the buffer is not read and only lends its layout (its dtype, strides and
+        flat offset): the fresh gradient ``fresh`` serves where it can, else a view of
+        the group's optimizer state, which has the same layout, so that the flat
+        buffer is not allocated for a step that would not read it."""
+        if id(param) not in self.holds_sum:
             group, index = self.slots[id(param)]
-            if self._may_stand_in(group, index, fresh):
+            if fresh is not None and self._may_stand_in(group, index, fresh):
                 return fresh
+            for flat_state in group.states.values():
+                return group.view(flat_state, index)
         return self.buffer_view(param)
 
     def _may_stand_in(self, group: FlatGroup, index: int, grad: torch.Tensor) -> bool:
