@@ -204,8 +204,10 @@ class FusedAccumAdam(FusedAccumOptimizer):
             if window_scalars is not None:  # filled on the device: no copy to wait for
                 scalars = window_scalars.new_empty(4)
                 scalars[:2] = window_scalars
-                scalars[2] = lr / (1 - beta1**step)
-                scalars[3] = (1 - beta2**step) ** 0.5
+                # fill_ passes the value to a kernel; item assignment would copy it from
+                # pageable host memory, a blocking upload
+                scalars[2].fill_(lr / (1 - beta1**step))
+                scalars[3].fill_((1 - beta2**step) ** 0.5)
                 batch.device_scalars = scalars
         backend.adam_step(
             batch,
@@ -223,7 +225,9 @@ class FusedAccumAdam(FusedAccumOptimizer):
             maximize=group["maximize"],
         )
         if device_steps:
-            torch._foreach_add_([state["step"] for state in states], applied.float())
+            steps = [state["step"] for state in states]
+            # a list of tensors: the Scalar overload would read `applied` on the host
+            torch._foreach_add_(steps, [applied.float()] * len(steps))
             for param in batch.params:
                 self._step_history[id(param)] = hash((state_key, self.update_count))
         else:

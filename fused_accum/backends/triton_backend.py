@@ -26,7 +26,11 @@ from .spec import StepBatch
 
 BLOCK = 1024
 _INTERPRETER_BLOCK = 128  # the interpreter runs a block as numpy arrays: keep them small
-_KEPT_PER_CACHE = 16
+# Entries kept per cache. Layouts: one per set of tensors a call covers, so one per
+# parameter with accumulate_in_backward: a model's worth must fit, or every micro-step
+# rebuilds and uploads them. Address tables: a few bytes each.
+_KEPT_LAYOUTS = 4096
+_KEPT_ADDRESS_TABLES = 256
 
 
 def interpreter_active() -> bool:
@@ -140,10 +144,10 @@ class _Operand:
         write_back(self.tensors, self.in_layout)
 
 
-def _keep_recent(cache: dict, key, value):
-    """Put ``value`` at the recent end of ``cache``, dropping the oldest past the limit."""
+def _keep_recent(cache: dict, key, value, limit: int):
+    """Put ``value`` at the recent end of ``cache``, dropping the oldest past ``limit``."""
     cache[key] = value
-    while len(cache) > _KEPT_PER_CACHE:
+    while len(cache) > limit:
         cache.pop(next(iter(cache)))
     return value
 
@@ -200,7 +204,7 @@ class TritonBackend:
         layout = self._layouts.pop(key, None)
         if layout is None:
             layout = _Layout(flat_offsets, numels, buffers[0].device)
-        return _keep_recent(self._layouts, key, layout)
+        return _keep_recent(self._layouts, key, layout, _KEPT_LAYOUTS)
 
     def address_table(self, addresses: list[int], device: torch.device) -> torch.Tensor:
         """The addresses as an int64 tensor on ``device``. Recent tables are kept: the
@@ -210,7 +214,7 @@ class TritonBackend:
         table = self._address_tables.pop(key, None)
         if table is None:
             table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
-        return _keep_recent(self._address_tables, key, table)
+        return _keep_recent(self._address_tables, key, table, _KEPT_ADDRESS_TABLES)
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
         if layout.num_blocks == 0:
