@@ -496,8 +496,6 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         self._refuse_if_incomplete()
         weight = self._pending_weight if weight is None else check_weight(weight)
         inverse_loss_scale, overflow = self._grad_scaler_inputs()
-        if self.accumulate_in_backward:
-            self._register_hooks(self._all_params())
         pairs, private = self._take_grads()
         accumulation = self._accumulation
         accumulation.overflowed |= overflow
@@ -520,6 +518,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         # the micro-batch is taken: its weight and its folds in backward are counted now
         self._pending_weight = 1.0
         self._folded_since_step = False
+        if self.accumulate_in_backward:  # parameters unfrozen since: fold them in backward
+            self._register_hooks(self._all_params())
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight

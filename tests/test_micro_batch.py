@@ -175,3 +175,23 @@ def test_a_window_that_cancels_exactly_moves_nothing(backend, optimizer_class):
     if optimizer_class is FusedAccumAdamW:  # decoupled weight decay still applies
         start = start * (1 - 0.01 * 0.01)
     torch.testing.assert_close(param.detach(), start, rtol=0, atol=0)
+
+
+def test_a_refused_step_registers_no_backward_hooks():
+    """With accumulate_in_backward, step() hooks parameters unfrozen since; a step()
+    refused for bad input must not do that either (found by test_api_fuzz.py)."""
+    param = torch.nn.Parameter(torch.ones(3))
+    param.requires_grad_(False)
+    optimizer = FusedAccumSGD([param], lr=0.1, accumulate_in_backward=True, backend="torch")
+    param.requires_grad_(True)
+    param.grad = torch.zeros(3)
+    param.grad.data = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="nothing was accumulated"):
+        optimizer.step()
+    param.grad = None
+    (param * 2).sum().backward()
+    assert param.grad is not None  # not folded: the hook comes with the next step()
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), torch.full((3,), 0.8))
+    (param * 2).sum().backward()
+    assert param.grad is None  # folded by the hook step() registered
