@@ -61,9 +61,7 @@ class AccumulationState:
                 self.backends[key] = resolve_backend(self.backend_name, *key)
                 self.groups[key] = FlatGroup(*key)
                 group = self.groups[key]
-                if not self.backends[key].flat_buffers_only and (
-                    group.accum_dtype == group.param_dtype  # fp32 and fp64 parameters
-                ):
+                if group.accum_dtype == group.param_dtype:  # fp32 and fp64 parameters
                     self._adopting.add(group)
             group = self.groups[key]
             start = len(group.params)

@@ -17,7 +17,7 @@ from fused_accum._ownership import is_private
 
 STEPS = 4
 SHAPES = [(7, 5), (1,), (1023,), (3, 4, 5), (0,)]
-ADOPTING = [b for b in CPU_BACKENDS if b.values[0] != "triton"]
+ADOPTING = CPU_BACKENDS  # every backend adopts (Triton through its address tables)
 
 
 def _params(dtype=torch.float32):
@@ -144,6 +144,8 @@ def test_first_gradients_are_adopted_without_a_flat_buffer(backend, cls):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adopting_equals_copying_bit_for_bit(backend, cls, kwargs, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton does not run fp64 parameters (backend='auto' takes another)")
     torch.manual_seed(0)
     params = _params(dtype)
     copies = [p.detach().clone().requires_grad_() for p in params]
@@ -210,15 +212,6 @@ def test_no_adoption_where_the_first_pass_does_work(kwargs, weight):
     optimizer = FusedAccumSGD(params, lr=0.1, accumulation_steps=STEPS, **kwargs)
     _hand_over(params, _fresh(3)(0, 0))
     optimizer.step(weight=weight)
-    assert optimizer._accumulation.adopted == {}
-
-
-def test_flat_only_backends_never_adopt():
-    pytest.importorskip("triton")
-    params = _params()
-    optimizer = FusedAccumSGD(params, lr=0.1, accumulation_steps=STEPS, backend="triton")
-    _hand_over(params, _fresh(3)(0, 0))
-    optimizer.step()
     assert optimizer._accumulation.adopted == {}
 
 

@@ -14,7 +14,6 @@ from fused_accum import FusedAccumAdamW, FusedAccumSGD
 NUMEL = 4096  # a multiple of the flat alignment: no padding in the figures
 
 # (optimizer, parameter dtype, accumulation_steps, master_weights) -> bytes per element
-# on the backends that adopt a window's first fp32 gradient (torch, cpu, cuda)
 OWN_BYTES = {
     ("sgd", torch.float32, 1, False): 4,  # momentum
     ("sgd", torch.float32, 8, False): 4,  # momentum; the buffer is the adopted gradient
@@ -49,8 +48,6 @@ def own_bytes_per_element(optimizer, params) -> float:
 def test_the_optimizer_owns_only_what_a_step_reads(backend, key):
     name, dtype, accumulation_steps, master_weights = key
     expected = OWN_BYTES[key]
-    if backend == "triton" and dtype == torch.float32 and accumulation_steps > 1:
-        expected += 4  # Triton does not adopt: the window's sum is in its flat buffer
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(NUMEL).to(dtype)) for _ in range(3)]
     make = {"sgd": lambda: FusedAccumSGD(params, lr=0.01, momentum=0.9, **options),

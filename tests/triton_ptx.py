@@ -66,7 +66,7 @@ def _operands(acc):
     return {
         "grads": "*i64",  # address tables
         "params": "*i64",
-        "buffer_ptr": flat,
+        "buffers": "*i64",  # address tables
         "momentum_ptr": flat,
         "exp_avg_ptr": flat,
         "exp_avg_sq_ptr": flat,

@@ -66,8 +66,6 @@ def _seed(batch: StepBatch) -> int:
 class CompiledBackend:
     """torch.ops.fused_accum on CPU (vectorised, multi-threaded) or CUDA."""
 
-    flat_buffers_only = False
-
     def __init__(self, name: str) -> None:
         self.name = name
         self._ops = torch.ops.fused_accum

@@ -118,7 +118,6 @@ class ReferenceBackend:
     """Plain PyTorch; any device and dtype."""
 
     name = "torch"
-    flat_buffers_only = False
 
     def accumulate(
         self,

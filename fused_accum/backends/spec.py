@@ -112,10 +112,6 @@ class Backend(Protocol):
     """What every backend provides; the reference backend defines the results."""
 
     name: str
-    flat_buffers_only: bool
-    """Whether every buffer must be a view made by ``_storage.FlatGroup`` (kernels that
-    index one flat tensor). Otherwise a buffer may be any tensor in the view's layout,
-    such as a gradient adopted as its parameter's buffer for the window."""
 
     def accumulate(
         self,

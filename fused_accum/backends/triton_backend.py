@@ -112,15 +112,15 @@ class _Layout:
         return self.block_tensor, self.block_start, self.numels, self.flat_offsets
 
 
-def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The whole flat tensor behind views made by _storage.FlatGroup; with ``like``,
-    also check that the views sit where those of ``like`` do (the kernels index
-    buffers and state with one set of offsets)."""
+def _flat_base(views: list[torch.Tensor], like: list[torch.Tensor]) -> torch.Tensor:
+    """The whole flat tensor behind views made by _storage.FlatGroup, checked to sit
+    where those of ``like`` do (the kernels index every state with one set of
+    offsets)."""
     storage = views[0].untyped_storage()
     numel = storage.nbytes() // views[0].element_size()
     for index, view in enumerate(views):
         if view.untyped_storage().data_ptr() != storage.data_ptr() or (
-            like is not None and view.storage_offset() != like[index].storage_offset()
+            view.storage_offset() != like[index].storage_offset()
         ):
             raise AssertionError("the Triton backend needs views laid out by FlatGroup")
     return views[0].as_strided((numel,), (1,), 0)
@@ -185,7 +185,6 @@ class TritonBackend:
     """Fused Triton kernels: one launch per call."""
 
     name = "triton"
-    flat_buffers_only = True  # buffers and state are offsets into one flat tensor
 
     def __init__(self) -> None:
         from . import triton_kernels
@@ -193,6 +192,7 @@ class TritonBackend:
         self._kernels = triton_kernels
         self._layouts: dict[tuple, _Layout] = {}
         self._address_tables: dict[tuple, torch.Tensor] = {}
+        self._unused_tensors: dict[torch.device, torch.Tensor] = {}
         self.launches = 0  # kernel launches so far; read by tests
 
     def _layout(self, buffers: list[torch.Tensor]) -> _Layout:
@@ -239,17 +239,17 @@ class TritonBackend:
     ) -> None:
         if not buffers:
             return
-        base = _flat_base(buffers)
         layout = self._layout(buffers)
         grad_operand = _Operand(grads, buffers, self)
+        unused = self._unused(buffers[0].device)
         self._launch(
             self._kernels.accumulate_kernel,
             layout,
-            base,
+            self._buffer_table(buffers),
             grad_operand.table,
-            base if found_inf is None else found_inf,
-            base if sum_sq is None else sum_sq,
-            base if grad_sum_sq is None else grad_sum_sq,
+            unused if found_inf is None else found_inf,
+            unused if sum_sq is None else sum_sq,
+            unused if grad_sum_sq is None else grad_sum_sq,
             *layout.args(),
             float(scale),
             GRAD_DTYPE=_tl_dtype(grads[0].dtype),
@@ -259,12 +259,32 @@ class TritonBackend:
             HAS_GRAD_SUM_SQ=grad_sum_sq is not None,
         )
 
-    def _step_operands(self, batch: StepBatch):
-        base = _flat_base(batch.buffers)
-        layout = self._layout(batch.buffers)
+    def _buffer_table(self, buffers: list[torch.Tensor]) -> torch.Tensor:
+        """The buffers' addresses: views of the flat buffer, or gradients adopted as
+        their parameter's buffer (fp32, dense and 64-byte aligned either way)."""
+        return self.address_table([b.data_ptr() for b in buffers], buffers[0].device)
+
+    def _unused(self, device: torch.device) -> torch.Tensor:
+        """A one-element fp32 tensor for pointer arguments a variant does not use."""
+        unused = self._unused_tensors.get(device)
+        if unused is None:
+            unused = self._unused_tensors[device] = torch.zeros(1, device=device)
+        return unused
+
+    def _step_operands(self, batch: StepBatch, states: list[list[torch.Tensor] | None]):
+        """The block layout and the tables of a step. The layout's flat offsets (of the
+        optimizer state, and each element's position for stochastic rounding) come
+        from the first flat state list given, or the buffers when there is none."""
+        flat_views = next((state for state in states if state), batch.buffers)
+        layout = self._layout(flat_views)
         params = _Operand(batch.params, batch.buffers, self)
         grads = params if batch.grads is None else _Operand(batch.grads, batch.buffers, self)
-        return base, layout, params, grads
+        return flat_views, layout, params, grads, self._buffer_table(batch.buffers)
+
+    def _flat(self, views: list[torch.Tensor] | None, like: list[torch.Tensor]) -> torch.Tensor:
+        """The flat tensor behind state ``views``, laid out like ``like``; or, for a
+        state the variant does not use, a stand-in."""
+        return self._unused(like[0].device) if views is None else _flat_base(views, like)
 
     def _common_constexprs(self, batch: StepBatch) -> dict:
         return dict(
@@ -278,27 +298,25 @@ class TritonBackend:
             HAS_GRAD_STATS=batch.grad_stats is not None,
         )
 
-    def _master_base(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
-        """The flat tensor of the masters, or (unused) the buffer."""
-        return base if batch.masters is None else _flat_base(batch.masters, batch.buffers)
+    def _scalars(self, batch: StepBatch) -> torch.Tensor:
+        """The float64 device scalars, or a stand-in. Passed as a pointer: the kernels
+        read them, the host never does."""
+        if batch.device_scalars is None:
+            return self._unused(batch.params[0].device)
+        return batch.device_scalars
 
-    def _scalars(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
-        """The float64 device scalars, or (unused) the buffer. Passed as a pointer: the
-        kernels read them, the host never does."""
-        return base if batch.device_scalars is None else batch.device_scalars
-
-    def _stats(self, batch: StepBatch, base: torch.Tensor) -> torch.Tensor:
-        """The fp32 gradient statistics table, rows added to by the kernels, or (unused)
-        the buffer."""
+    def _stats(self, batch: StepBatch) -> torch.Tensor:
+        """The fp32 gradient statistics table, rows added to by the kernels, or a
+        stand-in."""
         if batch.grad_stats is None:
-            return base
+            return self._unused(batch.params[0].device)
         stats = batch.grad_stats
         if stats.dtype != torch.float32 or stats.shape != (len(batch.params), 4):
             raise ValueError(
                 f"grad_stats must be fp32 of shape ({len(batch.params)}, 4), "
                 f"not {stats.dtype} {tuple(stats.shape)}"
             )
-        if not stats.is_contiguous() or stats.device != base.device:
+        if not stats.is_contiguous() or stats.device != batch.params[0].device:
             raise ValueError("grad_stats must be contiguous, on the parameters' device")
         return stats
 
@@ -317,20 +335,19 @@ class TritonBackend:
     ) -> None:
         if not batch.params:
             return
-        base, layout, params, grads = self._step_operands(batch)
-        momentum_base = (
-            base if momentum_buffers is None else _flat_base(momentum_buffers, batch.buffers)
+        flat_views, layout, params, grads, buffers = self._step_operands(
+            batch, [momentum_buffers, batch.masters]
         )
         self._launch(
             self._kernels.sgd_kernel,
             layout,
             params.table,
-            base,
+            buffers,
             grads.table,
-            momentum_base,
-            self._master_base(batch, base),
-            self._scalars(batch, base),
-            self._stats(batch, base),
+            self._flat(momentum_buffers, flat_views),
+            self._flat(batch.masters, flat_views),
+            self._scalars(batch),
+            self._stats(batch),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),
@@ -367,20 +384,21 @@ class TritonBackend:
     ) -> None:
         if not batch.params:
             return
-        base, layout, params, grads = self._step_operands(batch)
-        exp_avg_base = _flat_base(exp_avgs, batch.buffers)
+        flat_views, layout, params, grads, buffers = self._step_operands(
+            batch, [exp_avgs, batch.masters]
+        )
         self._launch(
             self._kernels.adam_kernel,
             layout,
             params.table,
-            base,
+            buffers,
             grads.table,
-            exp_avg_base,
-            _flat_base(exp_avg_sqs, batch.buffers),
-            exp_avg_base if max_exp_avg_sqs is None else _flat_base(max_exp_avg_sqs, batch.buffers),
-            self._master_base(batch, base),
-            self._scalars(batch, base),
-            self._stats(batch, base),
+            self._flat(exp_avgs, flat_views),
+            self._flat(exp_avg_sqs, flat_views),
+            self._flat(max_exp_avg_sqs, flat_views),
+            self._flat(batch.masters, flat_views),
+            self._scalars(batch),
+            self._stats(batch),
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),

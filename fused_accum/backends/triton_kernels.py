@@ -2,12 +2,14 @@
 tensors it covers.
 
 Every program handles one block of one tensor, found through two small tables
-(``block_tensor``, ``block_start``). Buffers and optimizer state are flat: tensor ``t``
-starts at ``flat_offsets[t]``, a multiple of 16 elements. Gradients and parameters
-live where autograd and the model put them, so they are reached through tables of
-int64 addresses, one per tensor, each 16-byte aligned. This one way of addressing runs
+(``block_tensor``, ``block_start``). Optimizer state (and master weights) is flat:
+tensor ``t`` starts at ``flat_offsets[t]``, a multiple of 16 elements, which is also
+its position for stochastic rounding. Gradients, parameters and
+accumulation buffers (a view of the flat buffer, or a first gradient adopted as the
+buffer for its window) live apart, so they are reached through tables of int64
+addresses, one per tensor, each 16-byte aligned. This one way of addressing runs
 on a GPU and, in CI, under the Triton interpreter, which follows such tables on CPU
-tensors (triton >= 3.8; see triton_backend.interpreter_follows_tables).
+tensors (triton >= 3.8; see follows_address_tables).
 
 A block that lies wholly inside its tensor runs unmasked, so that with the alignment
 hints its loads and stores are vectorised; only a tensor's last block is masked.
@@ -190,7 +192,7 @@ def _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask,
 
 @triton.jit
 def _applied_gradient(
-    buffer_ptr,
+    buffers,
     grads,
     tensor,
     local,
@@ -211,9 +213,9 @@ def _applied_gradient(
     neither term. Its statistics go to stats_ptr (if HAS_GRAD_STATS)."""
     if HAS_GRADS:
         address = _address(grads, tensor, local, GRAD_DTYPE)
-        grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
+        grad = _load(address, mask).to(tl.float32)
     if USE_BUFFER:
-        gradient = _load(buffer_ptr + flat, mask)
+        gradient = _load(_address(buffers, tensor, local, tl.float32), mask)
         if HAS_GRADS:
             gradient += grad * grad_weight
     else:
@@ -234,13 +236,14 @@ def _applied_gradient(
 
 @triton.jit
 def _accumulate_block(
-    buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+    buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
     local, flat, mask, scale, GRAD_DTYPE: tl.constexpr,
     OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
     HAS_GRAD_SUM_SQ: tl.constexpr,
 ):  # fmt: skip
     address = _address(grads, tensor, local, GRAD_DTYPE)
-    grad = _load(address, mask).to(buffer_ptr.dtype.element_ty)
+    grad = _load(address, mask).to(tl.float32)
+    buffer = _address(buffers, tensor, local, tl.float32)
     if CHECK_FINITE:
         nonfinite = (grad != grad) | (tl.abs(grad) == float("inf"))
         if tl.max(nonfinite.to(tl.int32), axis=0) > 0:
@@ -250,8 +253,8 @@ def _accumulate_block(
         tl.atomic_add(grad_sum_sq_ptr, tl.sum(grad * grad, axis=0), sem="relaxed")
     contribution = grad * scale
     if not OVERWRITE:
-        contribution += _load(buffer_ptr + flat, mask)
-    tl.store(buffer_ptr + flat, contribution, mask=mask)
+        contribution += _load(buffer, mask)
+    tl.store(buffer, contribution, mask=mask)
     if HAS_SUM_SQ:
         # masked-off elements loaded as 0 and add nothing; one atomic per program
         block_sum_sq = tl.sum(contribution * contribution, axis=0)
@@ -260,7 +263,7 @@ def _accumulate_block(
 
 @triton.jit
 def accumulate_kernel(
-    buffer_ptr,  # flat fp32 accumulation buffer of the group
+    buffers,  # int64 [tensors]: addresses of the fp32 accumulation buffers
     grads,  # int64 [tensors]: addresses of the gradients
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
     sum_sq_ptr,  # one fp32 total, the squares of the new buffer values added to it
@@ -282,13 +285,13 @@ def accumulate_kernel(
     )
     if whole:
         _accumulate_block(
-            buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
             local, flat, None, scale, GRAD_DTYPE, OVERWRITE, CHECK_FINITE,
             HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
     else:
         _accumulate_block(
-            buffer_ptr, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
             local, flat, local < numel, scale, GRAD_DTYPE, OVERWRITE,
             CHECK_FINITE, HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
@@ -296,7 +299,7 @@ def accumulate_kernel(
 
 @triton.jit
 def _sgd_block(
-    params, buffer_ptr, grads, momentum_ptr, master_ptr,
+    params, buffers, grads, momentum_ptr, master_ptr,
     scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_weight, lr, momentum,
     one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, USE_BUFFER: tl.constexpr,
@@ -308,7 +311,7 @@ def _sgd_block(
     if HAS_DEVICE_SCALARS:
         mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
-        buffer_ptr, grads, tensor, local, flat, mask, normaliser, grad_weight,
+        buffers, grads, tensor, local, flat, mask, normaliser, grad_weight,
         scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
@@ -318,7 +321,7 @@ def _sgd_block(
     if HAS_MASTER:
         param = _load(master_ptr + flat, mask)
     else:
-        param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
+        param = _load(param_address, mask).to(tl.float32)
     if HAS_WEIGHT_DECAY:
         gradient += weight_decay * param
     if HAS_MOMENTUM:
@@ -341,7 +344,7 @@ def _sgd_block(
 @triton.jit
 def sgd_kernel(
     params,  # int64 [tensors]: addresses of the parameters
-    buffer_ptr,  # flat accumulation buffer
+    buffers,  # int64 [tensors]: addresses of the fp32 accumulation buffers
     grads,  # int64 [tensors]: addresses of the last micro-step's fresh gradients
     momentum_ptr,  # flat momentum buffers
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
@@ -378,7 +381,7 @@ def sgd_kernel(
     )
     if whole:
         _sgd_block(
-            params, buffer_ptr, grads, momentum_ptr, master_ptr,
+            params, buffers, grads, momentum_ptr, master_ptr,
             scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_weight, lr,
             momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
@@ -386,7 +389,7 @@ def sgd_kernel(
         )  # fmt: skip
     else:
         _sgd_block(
-            params, buffer_ptr, grads, momentum_ptr, master_ptr,
+            params, buffers, grads, momentum_ptr, master_ptr,
             scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_weight,
             lr, momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
@@ -396,7 +399,7 @@ def sgd_kernel(
 
 @triton.jit
 def _adam_block(
-    params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
+    params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
     max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, mask,
     normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
@@ -410,7 +413,7 @@ def _adam_block(
         step_size = _device_scalar(scalars_ptr, 2)
         bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
-        buffer_ptr, grads, tensor, local, flat, mask, normaliser, grad_weight,
+        buffers, grads, tensor, local, flat, mask, normaliser, grad_weight,
         scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
@@ -420,7 +423,7 @@ def _adam_block(
     if HAS_MASTER:
         param = _load(master_ptr + flat, mask)
     else:
-        param = _load(param_address, mask).to(buffer_ptr.dtype.element_ty)
+        param = _load(param_address, mask).to(tl.float32)
     if HAS_WEIGHT_DECAY:
         if DECOUPLED:
             param *= decay_factor
@@ -447,7 +450,7 @@ def _adam_block(
 @triton.jit
 def adam_kernel(
     params,  # int64 [tensors]: addresses of the parameters
-    buffer_ptr,  # flat accumulation buffer
+    buffers,  # int64 [tensors]: addresses of the fp32 accumulation buffers
     grads,  # int64 [tensors]: addresses of the last micro-step's fresh gradients
     exp_avg_ptr,  # flat first moments
     exp_avg_sq_ptr,  # flat second moments
@@ -489,7 +492,7 @@ def adam_kernel(
     )
     if whole:
         _adam_block(
-            params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
+            params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, None,
             normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
             decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
@@ -498,7 +501,7 @@ def adam_kernel(
         )  # fmt: skip
     else:
         _adam_block(
-            params, buffer_ptr, grads, exp_avg_ptr, exp_avg_sq_ptr,
+            params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
             max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat,
             local < numel, normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps,
             weight_decay, decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE,

@@ -340,16 +340,11 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
 
 
 def _fused_window_bytes(provider: str, dtype: torch.dtype, settings: Settings) -> int | None:
-    """The byte model of a fused_accum provider's window (None for PyTorch's): backends
-    that take any buffer adopt the first fp32 gradients the benchmark hands over."""
+    """The byte model of a fused_accum provider's window (None for PyTorch's): every
+    backend adopts the first fp32 gradients the benchmark hands over."""
     if not provider.startswith("fused_accum["):
         return None
-    backend = resolve_backend(
-        provider[len("fused_accum[") : -1], torch.device(settings.device), dtype
-    )
-    return byte_model.window_bytes(
-        "adamw", dtype, settings.steps, adopt_first=not backend.flat_buffers_only
-    )
+    return byte_model.window_bytes("adamw", dtype, settings.steps, adopt_first=True)
 
 
 def count_window_jobs(settings: Settings) -> int:
