@@ -275,3 +275,39 @@ def test_misaligned_parameter_view_is_updated_in_place(device):
     torch.testing.assert_close(param, expected)
     assert param.data_ptr() == storage[3:].data_ptr()
     torch.testing.assert_close(storage[3:24], expected.detach())
+
+
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current device: a launch for tensors on cuda:1 must make
+    cuda:1 current around it (and with it its current stream), whatever device is
+    current. Checked without a GPU by recording the guard the launch takes."""
+    from types import SimpleNamespace
+
+    from fused_accum.backends import triton_backend
+
+    guards, launched_under = [], []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            guards.append(self.device)
+
+        def __exit__(self, *exc):
+            guards.pop()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched_under.append(list(guards))
+
+    monkeypatch.setattr(triton_backend.torch.cuda, "device", Guard)
+    backend = object.__new__(triton_backend.TritonBackend)
+    backend.launches = 0
+    layout = SimpleNamespace(num_blocks=3, block=128)
+    layout.numels = SimpleNamespace(device=torch.device("cuda", 1))
+    backend._launch(Kernel(), layout)
+    assert launched_under == [[torch.device("cuda", 1)]]
+    layout.numels = SimpleNamespace(device=torch.device("cpu"))
+    backend._launch(Kernel(), layout)
+    assert launched_under[1] == []  # CPU tensors (the interpreter): no CUDA guard
