@@ -130,3 +130,50 @@ def test_the_documented_reads_are_named(backend):
     assert traffic.events["read", "_optimizer._grad_scaler_inputs"] > 0
     assert traffic.events["read", "_checks.check_weight"] == 2
     assert traffic.unexplained() == {}
+
+
+GPU_OPTIONS = {
+    "plain": {},
+    "in_backward": dict(accumulate_in_backward=True),
+    "scaled_and_clipped": dict(loss_scaling=True, max_grad_norm=0.5, track_grad_stats=True),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("case", list(GPU_OPTIONS))
+def test_no_sync_and_no_cuda_malloc_after_the_first_windows(backend, optimizer_name, case):
+    """On a GPU, what the harness above stands in for: ragged windows under sync debug
+    mode "error" (a blocking copy or a host read raises), and no cudaMalloc of the
+    caching allocator after the first windows."""
+    model = _model().cuda()
+    params = list(model.parameters())
+    groups = [{"params": params[:10]}, {"params": params[10:], "lr": 5e-3}]
+    optimizer = OPTIMIZERS[optimizer_name](
+        groups, accumulation_steps=ACCUMULATION_STEPS, backend=backend, **GPU_OPTIONS[case]
+    )
+    ragged = [(3, 5, 2, 4), (1, 6, 3, 2), (4, 4, 7, 1)]
+    inputs = [[torch.randn(size, 6, device="cuda") for size in sizes] for sizes in ragged * 2]
+
+    def window(batches):
+        for x in batches:
+            loss = model(x).square().mean()
+            if optimizer._loss_scale is not None:
+                loss = optimizer.scale_loss(loss)
+            loss.backward()
+            optimizer.step()
+
+    for batches in inputs[:3]:
+        window(batches)
+    torch.cuda.synchronize()
+    mallocs = torch.cuda.memory_stats()["num_device_alloc"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batches in inputs[3:]:
+            window(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert optimizer.update_count == 6
+    assert torch.cuda.memory_stats()["num_device_alloc"] == mallocs
