@@ -22,8 +22,8 @@ from hypothesis.stateful import run_state_machine_as_test
 
 PROFILES = {
     # programs per backend, operations per program
-    "ci": dict(torch=100, cpu=100, triton=20, steps=40, derandomize=True),
-    "long": dict(torch=1500, cpu=1500, triton=200, steps=60, derandomize=False),
+    "ci": dict(torch=800, cpu=800, triton=150, steps=50, derandomize=True),
+    "long": dict(torch=20000, cpu=20000, triton=3000, steps=80, derandomize=False),
 }
 PROFILE = PROFILES[os.environ.get("FUSED_ACCUM_FUZZ", "ci")]
 
