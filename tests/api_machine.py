@@ -51,8 +51,11 @@ LOSS_SCALING = LossScaling(init_scale=2.0**8, growth_interval=3)
 # was far below this (see the closing note of the issue that brought this test)
 ATOL, RTOL = 2e-5, 2e-5
 
-# What the programs did, per backend: printed by the test, read with pytest -s.
+# What the programs did, per backend, and the largest error of a compared value
+# (parameter, .grad, state) as a fraction of its tolerance: printed by the test, read
+# with pytest -s.
 COUNTS: dict[str, Counter] = {}
+WORST_ERROR: dict[str, float] = {}
 
 
 class ApiMachine(RuleBasedStateMachine):
@@ -413,21 +416,22 @@ class ApiMachine(RuleBasedStateMachine):
         assert optimizer.accumulation_steps == oracle.accumulation_steps
         if self.loss_scaled:
             assert optimizer.loss_scale.item() == oracle.scale
+        worst = 0.0
         for i, param in enumerate(self.params):
-            _close(param.detach(), oracle.params[i].detach(), f"parameter {i}")
+            worst = max(worst, _close(param.detach(), oracle.params[i].detach(), f"parameter {i}"))
             expected_grad = oracle.grads[i]
             if expected_grad is None:
                 assert param.grad is None, f"parameter {i} has a .grad"
             else:
                 assert param.grad is not None, f"parameter {i} lost its .grad"
-                _close(param.grad, expected_grad, f".grad of parameter {i}")
+                worst = max(worst, _close(param.grad, expected_grad, f".grad of parameter {i}"))
             expected_state = oracle.state(i)
             state = optimizer.state.get(param, {})
             for name, value in expected_state.items():
                 if name in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                     if value is None:
                         continue
-                    _close(state[name], value, f"{name} of parameter {i}")
+                    worst = max(worst, _close(state[name], value, f"{name} of parameter {i}"))
                 elif name == "step":
                     assert float(state["step"]) == float(value), f"step of parameter {i}"
             if not expected_state and state:
@@ -438,15 +442,21 @@ class ApiMachine(RuleBasedStateMachine):
                 assert self.loss_scaled, f"parameter {i} has state without an update"
                 made = [name for name, value in state.items() if _nonzero(value)]
                 assert not made, f"parameter {i} has state {made} without an update"
+        WORST_ERROR[self.backend] = max(WORST_ERROR.get(self.backend, 0.0), worst)
 
 
 def _nonzero(value) -> bool:
     return isinstance(value, torch.Tensor) and bool((value != 0).any())
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
+    """Check ``actual`` against the oracle's ``expected``; return the largest error of
+    a finite element as a fraction of its tolerance."""
     actual, expected = actual.double(), expected.double()
     close = torch.isclose(actual, expected, rtol=RTOL, atol=ATOL, equal_nan=True)
+    finite = torch.isfinite(actual) & torch.isfinite(expected)
+    error = (actual - expected).abs() / (ATOL + RTOL * expected.abs())
+    worst = float(error[finite].max()) if bool(finite.any()) else 0.0
     if not bool(close.all()):
         bad = (~close).flatten().nonzero().flatten()
         where = bad[:5].tolist()
@@ -455,3 +465,4 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
             f"oracle, first at {where}: {actual.flatten()[where].tolist()} vs "
             f"{expected.flatten()[where].tolist()}"
         )
+    return worst

@@ -21,7 +21,9 @@ class ApiOracle:
     """The expected behaviour of one optimizer over the parameters of a model.
 
     Parameters are known by their index in the model. ``grads[i]`` is what the model's
-    ``param.grad`` should hold (fp64, loss-scaled as backward produced it, or None).
+    ``param.grad`` should hold (loss-scaled as backward produced it, summed over
+    backwards in the parameter's dtype as autograd sums it, or None): the optimizer's
+    input, which the window then sums in fp64.
     With ``accumulate_in_backward``, ``hooked`` holds the parameters whose gradients
     backward folds in at once (those that required grad when the optimizer registered
     its hooks); their gradients never reach ``grads``."""
@@ -78,8 +80,7 @@ class ApiOracle:
         produced it: loss-scaled), added to ``.grad``; hooked parameters then fold
         ``.grad`` in with the pending weight and release it."""
         for i, grad in grads.items():
-            grad = grad.double()
-            if self.grads[i] is not None:  # backward adds into .grad
+            if self.grads[i] is not None:  # backward adds into .grad, in fp32 as autograd
                 grad = self.grads[i] + grad
             if i in self.hooked:  # and the hook takes the sum
                 self._fold(i, grad, self.pending_weight)
@@ -89,7 +90,7 @@ class ApiOracle:
                 self.grads[i] = grad
 
     def set_grad(self, i: int, grad: torch.Tensor | None) -> None:
-        self.grads[i] = None if grad is None else grad.double()
+        self.grads[i] = None if grad is None else grad.clone()
 
     def zero_grad(self) -> None:
         self.grads = [None] * len(self.params)
@@ -103,7 +104,7 @@ class ApiOracle:
     # ------------------------------------------------------------ the optimizer side
 
     def _fold(self, i: int, grad: torch.Tensor, weight: float) -> None:
-        contribution = grad * (weight / self.scale)
+        contribution = grad.double() * (weight / self.scale)
         if not bool(torch.isfinite(grad).all()):
             self.overflowed = True
         self.sums[i] = contribution if self.sums[i] is None else self.sums[i] + contribution

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("hypothesis", reason="the property-based test needs hypothesis (test extra)")
 
-from api_machine import COUNTS, ApiMachine
+from api_machine import COUNTS, WORST_ERROR, ApiMachine
 from helpers import CPU_BACKENDS
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
@@ -32,6 +32,7 @@ PROFILE = PROFILES[os.environ.get("FUSED_ACCUM_FUZZ", "ci")]
 def test_random_programs_match_the_oracle(backend):
     machine = type(f"ApiMachine_{backend}", (ApiMachine,), {"backend": backend})
     COUNTS.pop(backend, None)
+    WORST_ERROR.pop(backend, None)
     run_state_machine_as_test(
         machine,
         settings=settings(
@@ -45,4 +46,5 @@ def test_random_programs_match_the_oracle(backend):
     )
     counts = COUNTS[backend]
     print(f"\n{backend}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    print(f"{backend}: largest error {WORST_ERROR[backend]:.3f} of the tolerance")
     assert counts["updates"] > 0 and counts["save/loads"] > 0
