@@ -298,8 +298,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                 consequence = (
                     "its gradient was not accumulated, but backward had already folded "
                     "other gradients of this micro-batch, so the window holds part of it: "
-                    "call discard_window() and redo the window's micro-batches (step(), "
-                    "flush() and backward refuse until then)"
+                    "call discard_window() (which also drops the .grad backward left) and "
+                    "redo the window's micro-batches (step(), flush() and backward refuse "
+                    "until then)"
                 )
             grad = param.grad
             try:
@@ -464,8 +465,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         if self._incomplete_micro_batch:
             raise RuntimeError(
                 "a fold in backward failed after others of the same micro-batch had run, "
-                "so the window holds part of a micro-batch: call discard_window() and "
-                "redo the window's micro-batches"
+                "so the window holds part of a micro-batch: call discard_window() (which "
+                "also drops the .grad backward left) and redo the window's micro-batches"
             )
 
     @torch.no_grad()
@@ -584,7 +585,14 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         """Drop everything accumulated since the last update (buffers, micro-step count
         and weight, the weight given by :meth:`set_weight`, and any part of a
         micro-batch folded in backward) without applying it. zero_grad() never does
-        this."""
+        this.
+
+        After a fold in backward failed part-way through a micro-batch, the gradients
+        that backward left in ``.grad`` (the refused ones) belong to that micro-batch
+        and are dropped too, so that redoing it does not add them in again."""
+        if self._incomplete_micro_batch:
+            for param in self._hooks:
+                param.grad = None
         self._accumulation.end_window()
         if self._grad_stats is not None:
             self._grad_stats.discard()
@@ -646,8 +654,10 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
                         buffers=[],
                         grads=None if grad is None else [],
                         use_buffer=use_buffer,
-                        normaliser=1.0 / total_weight,
-                        grad_weight=fresh_factor,
+                        # without a sum to complete, the fresh gradient's share is
+                        # one factor: exactly 1 for a window of one micro-step
+                        normaliser=1.0 / total_weight if use_buffer else 1.0,
+                        grad_weight=fresh_factor if use_buffer else fresh_factor / total_weight,
                         masters=None if master is None else [],
                         rounding_seed=self._update_rounding_seed(param),
                     )

@@ -136,6 +136,9 @@ class ApiOracle:
         return True
 
     def discard_window(self) -> None:
+        if self.incomplete_micro_batch:  # the refused gradients of that micro-batch go too
+            for i in self.hooked:
+                self.grads[i] = None
         self._new_window()
         self.pending_weight = 1.0
         self.folded_in_backward = False

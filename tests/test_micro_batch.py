@@ -131,9 +131,9 @@ def test_a_fold_that_fails_after_others_ran_makes_the_window_be_discarded():
     optimizer = _reloaded(optimizer, make)
     with pytest.raises(RuntimeError, match="discard_window"):
         optimizer.step()
-    optimizer.discard_window()
     assert first.grad is not None  # the refused gradient stayed where backward put it
-    optimizer.zero_grad()
+    optimizer.discard_window()
+    assert first.grad is None  # and goes with the micro-batch it belongs to
     start = (first.detach().clone(), second.detach().clone())
     for _ in range(2):  # the window again, whole
         ((first * 2).sum() + (second * 3).sum()).backward()
@@ -195,3 +195,27 @@ def test_a_refused_step_registers_no_backward_hooks():
     torch.testing.assert_close(param.detach(), torch.full((3,), 0.8))
     (param * 2).sum().backward()
     assert param.grad is None  # folded by the hook step() registered
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weight", [3.0, 0.1, 7.0])
+def test_a_weighted_window_of_one_micro_step_applies_its_gradient_exactly(backend, weight):
+    """With accumulation_steps=1 the weight cancels exactly (w * g / w would round
+    twice): the update equals the unweighted one bit for bit on every backend, and
+    torch.optim's on the reference."""
+    torch.manual_seed(6)
+    start = torch.randn(1023)
+    grad = torch.randn(1023)
+    results = []
+    for given in (weight, 1.0):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = FusedAccumSGD([param], lr=0.1, backend=backend)
+        param.grad = grad.clone()
+        optimizer.step(weight=given)
+        results.append(param.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    if backend == "torch":
+        twin = torch.nn.Parameter(start.clone())
+        twin.grad = grad.clone()
+        torch.optim.SGD([twin], lr=0.1).step()
+        torch.testing.assert_close(results[0], twin.detach(), rtol=0, atol=0)

@@ -22,7 +22,10 @@ load, parameters are rounded once on store.
 
     the window's weighted sum, completed by the fresh gradients, then normalised: a sum
     that cancels exactly gives exactly zero (normalising the two terms apart would
-    leave a rounding remainder, which Adam would blow up to a full step). Every backend
+    leave a rounding remainder, which Adam would blow up to a full step). Without a
+    sum to complete (``use_buffer`` false) the optimizer passes the fresh gradients'
+    share as ``grad_weight`` and a normaliser of 1, so that a window of one weighted
+    micro-step applies its gradient exactly. Every backend
     forms g in this order; where it contracts ``buffer + grad_weight * grad`` into a
     fused multiply-add the result is within one rounding of the plain one.
 
@@ -61,10 +64,12 @@ class StepBatch:
     use_buffer: bool
     """Whether the buffers hold contributions of this window (else they are not read)."""
     normaliser: float
-    """Factor on the window's sum: 1 / (total weight of the window)."""
+    """Factor on the window's sum: 1 / (total weight of the window); 1 without a sum
+    (``use_buffer`` false)."""
     grad_weight: float
     """Factor on the fresh gradients as they join the window's sum: their micro-batch
-    weight (times the inverse loss scale of a GradScaler)."""
+    weight (times the inverse loss scale of a GradScaler); without a sum, their share
+    of the window, that weight / the total weight."""
     masters: list[torch.Tensor] | None = None
     """fp32 master copies of bf16/fp16 parameters: the update reads and writes them,
     and the parameter receives the master rounded to its dtype. None: the parameter
