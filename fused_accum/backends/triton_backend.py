@@ -91,6 +91,14 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _stream_key(device: torch.device) -> int | None:
+    """The current stream of ``device``, for the caches: a table uploaded without
+    blocking on one stream is ready for kernels on that stream only."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).stream_id
+
+
 class _Layout:
     """Block tables of one call: which tensor and element each program starts at."""
 
@@ -200,7 +208,8 @@ class TritonBackend:
         changes between calls), a bounded number, since each holds device memory."""
         flat_offsets = [b.storage_offset() for b in buffers]
         numels = [b.numel() for b in buffers]
-        key = (buffers[0].device, tuple(flat_offsets), tuple(numels))
+        device = buffers[0].device
+        key = (device, _stream_key(device), tuple(flat_offsets), tuple(numels))
         layout = self._layouts.pop(key, None)
         if layout is None:
             layout = _Layout(flat_offsets, numels, buffers[0].device)
@@ -210,7 +219,7 @@ class TritonBackend:
         """The addresses as an int64 tensor on ``device``. Recent tables are kept: the
         caching allocator tends to hand gradients the same addresses every micro-step,
         and a hit saves a host-to-device copy."""
-        key = (device, tuple(addresses))
+        key = (device, _stream_key(device), tuple(addresses))
         table = self._address_tables.pop(key, None)
         if table is None:
             table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
