@@ -98,7 +98,8 @@ class AccumulationState:
             group, index = self.slots[id(param)]
             if fresh is not None and self._may_stand_in(group, index, fresh):
                 return fresh
-            for flat_state in group.states.values():
+            flat_state = next(iter(group.states.values()), None)
+            if flat_state is not None:
                 return group.view(flat_state, index)
         return self.buffer_view(param)
 

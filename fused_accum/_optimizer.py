@@ -70,6 +70,14 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
 """
 
 
+# What to do when a fold in backward failed after others of its micro-batch had run.
+_REDO_WINDOW = (
+    "the window holds part of a micro-batch, which repeating it cannot mend; call "
+    "discard_window() (which also drops the .grad backward left) and redo the window's "
+    "micro-batches"
+)
+
+
 class FusedAccumOptimizer(StateDictMixin, Optimizer):
     """Base class of the fused_accum optimizers; not used directly."""
 
@@ -296,11 +304,9 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
             consequence = "nothing was accumulated"
             if partial:
                 consequence = (
-                    "its gradient was not accumulated, but backward had already folded "
-                    "other gradients of this micro-batch, so the window holds part of it: "
-                    "call discard_window() (which also drops the .grad backward left) and "
-                    "redo the window's micro-batches (step(), flush() and backward refuse "
-                    "until then)"
+                    f"its gradient was not accumulated, but backward had already folded "
+                    f"other gradients of this micro-batch: {_REDO_WINDOW} (step(), "
+                    f"flush() and backward refuse until then)"
                 )
             grad = param.grad
             try:
@@ -464,9 +470,8 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
     def _refuse_if_incomplete(self) -> None:
         if self._incomplete_micro_batch:
             raise RuntimeError(
-                "a fold in backward failed after others of the same micro-batch had run, "
-                "so the window holds part of a micro-batch: call discard_window() (which "
-                "also drops the .grad backward left) and redo the window's micro-batches"
+                f"a fold in backward failed after others of the same micro-batch had "
+                f"run: {_REDO_WINDOW}"
             )
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ recent ones are kept, so a fixed model's calls upload nothing after the first wi
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 
@@ -60,26 +61,21 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
-_INTERPRETER_PROBLEM: list[str | None] = []
-
-
+@functools.cache
 def _interpreter_problem() -> str | None:
     """Why this Triton interpreter cannot run the kernels (it does not follow an address
     loaded from a table, as triton < 3.8 does not), or None; found once by a probe."""
-    if not _INTERPRETER_PROBLEM:
-        from .triton_kernels import follows_address_tables
+    from .triton_kernels import follows_address_tables
 
-        problem = None
-        if not follows_address_tables():
-            import triton
+    if follows_address_tables():
+        return None
+    import triton
 
-            problem = (
-                f"the Triton interpreter of triton {triton.__version__} does not follow "
-                f"address tables, which the kernels use on a GPU; the tests need one that "
-                f"does (triton >= 3.8)"
-            )
-        _INTERPRETER_PROBLEM.append(problem)
-    return _INTERPRETER_PROBLEM[0]
+    return (
+        f"the Triton interpreter of triton {triton.__version__} does not follow address "
+        f"tables, which the kernels use on a GPU; the tests need one that does "
+        f"(triton >= 3.8)"
+    )
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -97,6 +93,10 @@ def _stream_key(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.current_stream(device).stream_id
+
+
+def _new_address_table(addresses: list[int], device: torch.device) -> torch.Tensor:
+    return _upload(torch.tensor(addresses, dtype=torch.int64), device)
 
 
 class _Layout:
@@ -152,9 +152,11 @@ class _Operand:
         write_back(self.tensors, self.in_layout)
 
 
-def _keep_recent(cache: dict, key, value, limit: int):
-    """Put ``value`` at the recent end of ``cache``, dropping the oldest past ``limit``."""
-    cache[key] = value
+def _recent(cache: dict, key, make, limit: int):
+    """``cache[key]``, made by ``make()`` if missing, moved to the recent end of
+    ``cache``; the oldest entries past ``limit`` are dropped."""
+    value = cache.pop(key, None)
+    cache[key] = value = make() if value is None else value
     while len(cache) > limit:
         cache.pop(next(iter(cache)))
     return value
@@ -210,20 +212,17 @@ class TritonBackend:
         numels = [b.numel() for b in buffers]
         device = buffers[0].device
         key = (device, _stream_key(device), tuple(flat_offsets), tuple(numels))
-        layout = self._layouts.pop(key, None)
-        if layout is None:
-            layout = _Layout(flat_offsets, numels, buffers[0].device)
-        return _keep_recent(self._layouts, key, layout, _KEPT_LAYOUTS)
+        make = functools.partial(_Layout, flat_offsets, numels, device)
+        return _recent(self._layouts, key, make, _KEPT_LAYOUTS)
 
     def address_table(self, addresses: list[int], device: torch.device) -> torch.Tensor:
         """The addresses as an int64 tensor on ``device``. Recent tables are kept: the
         caching allocator tends to hand gradients the same addresses every micro-step,
         and a hit saves a host-to-device copy."""
         key = (device, _stream_key(device), tuple(addresses))
-        table = self._address_tables.pop(key, None)
-        if table is None:
-            table = _upload(torch.tensor(addresses, dtype=torch.int64), device)
-        return _keep_recent(self._address_tables, key, table, _KEPT_ADDRESS_TABLES)
+
+        make = functools.partial(_new_address_table, addresses, device)  # only on a miss
+        return _recent(self._address_tables, key, make, _KEPT_ADDRESS_TABLES)
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
         if layout.num_blocks == 0:
