@@ -63,6 +63,16 @@ inline void check_buffers(const at::TensorList& buffers, at::ScalarType param_dt
   }
 }
 
+// The checks of an accumulate call with gradients: one gradient per buffer, laid out
+// like it, in one supported dtype (returned).
+inline at::ScalarType check_accumulate(const at::TensorList& buffers, const at::TensorList& grads) {
+  const auto dtype = grads[0].scalar_type();
+  check_param_dtype(dtype);
+  check_buffers(buffers, dtype);
+  check_list(grads, buffers, "grads", dtype);
+  return dtype;
+}
+
 // All checks of a step: parameters, buffers, fresh gradients and each state list that
 // is used (an unused one, such as max_exp_avg_sqs without amsgrad, is empty).
 inline at::ScalarType check_step(const at::TensorList& params, const at::TensorList& buffers,

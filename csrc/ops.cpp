@@ -1,28 +1,10 @@
-// The fused_accum operator library: schemas of the kernel spec (see
-// fused_accum/backends/spec.py). Implementations register per device in
-// cpu/kernels.cpp and cuda/kernels.cu.
+// The fused_accum operator library: schemas of the kernel spec (op_schemas.h).
+// Implementations register per device in cpu/kernels.cpp and cuda/kernels.cu.
 #include <torch/library.h>
 
-TORCH_LIBRARY(fused_accum, m) {
-  m.def(
-      "accumulate(Tensor(a!)[] buffers, Tensor[] grads, float scale, bool overwrite, "
-      "Tensor(b!)? found_inf, Tensor(c!)? sum_sq=None, Tensor(d!)? grad_sum_sq=None) -> ()");
-  m.def(
-      "sgd_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, "
-      "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, bool use_buffer, float normaliser, "
-      "float grad_weight, "
-      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool init_momentum, int rounding_seed, Tensor? device_scalars=None, "
-      "Tensor(d!)? grad_stats=None) -> ()");
-  m.def(
-      "adam_step(Tensor(a!)[] params, Tensor[] buffers, Tensor[]? grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, "
-      "bool use_buffer, "
-      "float normaliser, float grad_weight, int step, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool decoupled_weight_decay, bool amsgrad, "
-      "bool maximize, int rounding_seed, Tensor? device_scalars=None, "
-      "Tensor(f!)? grad_stats=None) -> ()");
-}
+#include "op_schemas.h"
+
+TORCH_LIBRARY(fused_accum, m) { fused_accum::define_ops(m); }
 
 // Importing fused_accum._C loads this library, and with it the registrations above.
 #include <Python.h>

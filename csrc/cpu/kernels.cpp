@@ -169,10 +169,7 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
   TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
               " gradients for ", buffers.size(), " buffers");
   if (grads.empty()) return;
-  const auto dtype = grads[0].scalar_type();
-  check_param_dtype(dtype);
-  check_buffers(buffers, dtype);
-  check_list(grads, buffers, "grads", dtype);
+  const auto dtype = check_accumulate(buffers, grads);
   if (found_inf.has_value()) {
     TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
                     found_inf->device().is_cpu(),

@@ -64,11 +64,13 @@ def _seed(batch: StepBatch) -> int:
 
 
 class CompiledBackend:
-    """torch.ops.fused_accum on CPU (vectorised, multi-threaded) or CUDA."""
+    """torch.ops.fused_accum on CPU (vectorised, multi-threaded) or CUDA. ``ops`` is
+    another library of the same schemas (the tests give the CUDA kernels built for
+    their emulator, torch.ops.fused_accum_emulated)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, ops=None) -> None:
         self.name = name
-        self._ops = torch.ops.fused_accum
+        self._ops = torch.ops.fused_accum if ops is None else ops
 
     def accumulate(
         self,
