@@ -1,6 +1,6 @@
 """The Triton kernels compile for sm_80 and sm_90 (GPU code paths included, which the
-interpreter cannot run), with vectorised memory access, no spills to local memory and
-round-to-nearest sqrt/division: checked on PTX built without a GPU."""
+interpreter cannot run), with vectorised memory access, no spills to local memory, no
+atomics and round-to-nearest sqrt/division: checked on PTX built without a GPU."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 # the extras of each kernel's variants (triton_ptx.py): none, then more and more
 ACCUMULATE_EXTRAS = ("", "sum_sq", "sum_sq+grad_sum_sq")
 STEP_EXTRAS = ("", "scalars", "scalars+stats")
+# partials each extra has a program write: a sum each, a row of the statistics
+PARTIALS = {"sum_sq": 1, "grad_sum_sq": 1, "scalars": 0, "stats": 4}
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +82,16 @@ def test_every_operand_is_accessed_with_vectors_without_spills(ptx_facts):
 def test_extras_keep_the_memory_access_of_the_plain_kernels(ptx_facts):
     """sum_sq, grad_sum_sq, device scalars (whose skip flag masks every access) and
     gradient statistics leave the vector loads and stores as they are; the sums and
-    statistics cost atomics (one per program and total), nothing else has any."""
+    statistics cost one scalar store per partial in each of the two code paths (whole
+    and masked block), and no atomic: their order would vary on a GPU."""
     facts_of = {(f["kernel"], f["arch"], f["variant"], f["extra"]): f for f in ptx_facts}
     for facts in ptx_facts:
         base = facts_of[facts["kernel"], facts["arch"], facts["variant"], ""]
         assert facts["vector_loads"] == base["vector_loads"], (facts, base)
         assert facts["vector_stores"] == base["vector_stores"], (facts, base)
-        sums = {"sum_sq", "grad_sum_sq", "stats"} & set(facts["extra"].split("+"))
-        assert (facts["atomics"] > 0) == bool(sums), facts
-        # the running maximum of the statistics: an integer atomic max on the fp32 bits
-        assert (facts["integer_atomic_max"] > 0) == ("stats" in sums), facts
-    for kernel, extras in (("accumulate", ACCUMULATE_EXTRAS), ("sgd", STEP_EXTRAS),
-                           ("adam", STEP_EXTRAS)):  # fmt: skip
-        for facts in ptx_facts:
-            if facts["kernel"] == kernel and facts["extra"] == extras[2]:
-                fewer = facts_of[kernel, facts["arch"], facts["variant"], extras[1]]
-                assert facts["atomics"] > fewer["atomics"], (facts, fewer)
+        partials = sum(PARTIALS[extra] for extra in facts["extra"].split("+") if extra)
+        assert facts["scalar_stores"] == base["scalar_stores"] + 2 * partials, (facts, base)
+        assert facts["atomics"] == 0, facts
 
 
 def test_adam_rounds_like_torch(ptx_facts):

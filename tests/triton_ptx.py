@@ -52,7 +52,7 @@ def _facts(name, arch, variant, extra, ptx):
         "variant": variant,
         "extra": extra,  # what the variant asks for beyond the plain kernel, "+"-joined
         "atomics": len(re.findall(r"(?:atom|red)\.global", ptx)),
-        "integer_atomic_max": len(re.findall(r"(?:atom|red)\.global(?:\.[a-z]+)*\.max\.s32", ptx)),
+        "scalar_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.[bfsu]\d+\s", ptx)),
         "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "vector_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "local_memory": ".local" in ptx,
@@ -73,9 +73,7 @@ def _operands(acc):
         "max_exp_avg_sq_ptr": flat,
         "master_ptr": flat,
         "found_inf_ptr": "*fp32",
-        "sum_sq_ptr": "*fp32",
-        "grad_sum_sq_ptr": "*fp32",
-        "stats_ptr": "*fp32",
+        "partials": "*fp32",
         "scalars_ptr": "*fp64",
     }
 
