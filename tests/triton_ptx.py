@@ -17,9 +17,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fused_accum.backends import triton_kernels as kernels
+from fused_accum.backends.triton_backend import FINALIZE_TILE
 
 TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets")
+TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets",
+          "tensor_first_block", "tensor_blocks")  # fmt: skip
 
 
 def _compile(kernel, arch, pointer_types, constexprs):
@@ -30,7 +32,7 @@ def _compile(kernel, arch, pointer_types, constexprs):
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = pointer_types[name]
-        elif name == "seed":
+        elif name in ("seed", "programs"):
             signature[name] = "i32"
         elif name.endswith(("_offsets", "_start", "numels")) or name in TABLES:
             signature[name] = "*i32" if name == "block_tensor" else "*i64"
@@ -52,7 +54,7 @@ def _facts(name, arch, variant, extra, ptx):
         "variant": variant,
         "extra": extra,  # what the variant asks for beyond the plain kernel, "+"-joined
         "atomics": len(re.findall(r"(?:atom|red)\.global", ptx)),
-        "integer_atomic_max": len(re.findall(r"(?:atom|red)\.global(?:\.[a-z]+)*\.max\.s32", ptx)),
+        "scalar_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.[bfsu]\d+\s", ptx)),
         "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "vector_stores": len(re.findall(r"st\.global(?:\.[a-z]+)*\.v[248]", ptx)),
         "local_memory": ".local" in ptx,
@@ -73,6 +75,7 @@ def _operands(acc):
         "max_exp_avg_sq_ptr": flat,
         "master_ptr": flat,
         "found_inf_ptr": "*fp32",
+        "partials": "*fp32",
         "sum_sq_ptr": "*fp32",
         "grad_sum_sq_ptr": "*fp32",
         "stats_ptr": "*fp32",
@@ -88,7 +91,8 @@ STEP_EXTRAS = ("", "scalars", "scalars+stats")
 def variants():
     """(kernel, arch, variant, extra, ptx); ``extra`` names the optional outputs and
     inputs compiled in ("" for none): ACCUMULATE_EXTRAS for accumulate, STEP_EXTRAS
-    (device scalars, gradient statistics) for the steps."""
+    (device scalars, gradient statistics) for the steps; then the finalize kernels
+    with everything they can add up."""
     dtypes = ("fp32", "bf16", "fp16")
     for arch, dtype, level in itertools.product((80, 90), dtypes, range(len(STEP_EXTRAS))):
         extra = ACCUMULATE_EXTRAS[level]
@@ -116,6 +120,18 @@ def variants():
         yield (
             "adam", arch, variant, extra,
             _compile(kernels.adam_kernel, arch, operands, dict(step, DECOUPLED=True, AMSGRAD=True)),
+        )  # fmt: skip
+    for arch in (80, 90):
+        operands = _operands("fp32")
+        yield (
+            "finalize_sums", arch, "fp32", ACCUMULATE_EXTRAS[2],
+            _compile(kernels.finalize_sums_kernel, arch, operands,
+                     dict(HAS_SUM_SQ=True, HAS_GRAD_SUM_SQ=True, TILE=FINALIZE_TILE)),
+        )  # fmt: skip
+        yield (
+            "finalize_grad_stats", arch, "fp32", STEP_EXTRAS[2],
+            _compile(kernels.finalize_grad_stats_kernel, arch, operands,
+                     dict(HAS_GRADS=True, HAS_DEVICE_SCALARS=True, TILE=FINALIZE_TILE)),
         )  # fmt: skip
 
 

@@ -12,6 +12,12 @@ here reads a device tensor on the host: ``found_inf``, ``sum_sq``, ``grad_sum_sq
 ``StepBatch.device_scalars`` and ``StepBatch.grad_stats`` go to the kernels as
 pointers. Tables go to the device from pinned memory without blocking the host, and
 recent ones are kept, so a fixed model's calls upload nothing after the first window.
+
+Sums over many programs repeat bit for bit: a call that asks for ``sum_sq``,
+``grad_sum_sq`` or ``grad_stats`` has its programs write their partials to a scratch
+buffer, and launches a finalize kernel after them on the same stream that adds them up
+in a fixed order (triton_kernels.py). The scratch is kept per device and stream and
+only grows, so steady state allocates nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .spec import StepBatch
 
 BLOCK = 1024
 _INTERPRETER_BLOCK = 128  # the interpreter runs a block as numpy arrays: keep them small
+FINALIZE_TILE = 1024  # partials a finalize program reduces at a time
+_INTERPRETER_FINALIZE_TILE = 8  # small, so that the tests' few programs span many tiles
 # Entries kept per cache. Layouts: one per set of tensors a call covers, so one per
 # parameter with accumulate_in_backward: a model's worth must fit, or every micro-step
 # rebuilds and uploads them. Address tables: a few bytes each.
@@ -103,7 +111,9 @@ class _Layout:
     """Block tables of one call: which tensor and element each program starts at."""
 
     def __init__(self, flat_offsets: list[int], numels: list[int], device: torch.device):
-        self.block = _INTERPRETER_BLOCK if interpreter_active() else BLOCK
+        interpreted = interpreter_active()
+        self.block = _INTERPRETER_BLOCK if interpreted else BLOCK
+        self.finalize_tile = _INTERPRETER_FINALIZE_TILE if interpreted else FINALIZE_TILE
         numels_table = torch.tensor(numels, dtype=torch.int64)
         counts = (numels_table + self.block - 1) // self.block
         first_block = torch.cumsum(counts, 0) - counts
@@ -115,6 +125,10 @@ class _Layout:
         self.block_start = _upload(block_start, device)
         self.numels = _upload(numels_table, device)
         self.flat_offsets = _upload(torch.tensor(flat_offsets, dtype=torch.int64), device)
+        # each tensor's programs are consecutive: where they start and how many, for the
+        # finalize of the gradient statistics
+        self.tensor_first_block = _upload(first_block, device)
+        self.tensor_blocks = _upload(counts, device)
 
     def args(self) -> tuple[torch.Tensor, ...]:
         return self.block_tensor, self.block_start, self.numels, self.flat_offsets
@@ -203,6 +217,7 @@ class TritonBackend:
         self._layouts: dict[tuple, _Layout] = {}
         self._address_tables: dict[tuple, torch.Tensor] = {}
         self._unused_tensors: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self.launches = 0  # kernel launches so far; read by tests
 
     def _layout(self, buffers: list[torch.Tensor]) -> _Layout:
@@ -225,14 +240,40 @@ class TritonBackend:
         return _recent(self._address_tables, key, make, _KEPT_ADDRESS_TABLES)
 
     def _launch(self, kernel, layout: _Layout, *args, **constexprs) -> None:
+        """``kernel`` over every block of ``layout``."""
         if layout.num_blocks == 0:
             return
+        self._run(kernel, layout.num_blocks, layout, *args, BLOCK=layout.block, **constexprs)
+
+    def _finalize(self, kernel, programs: int, layout: _Layout, *args, **constexprs) -> None:
+        """``programs`` programs of a finalize ``kernel``, after the launch on ``layout``
+        whose partials they reduce (none without blocks)."""
+        if layout.num_blocks == 0:
+            return
+        self._run(kernel, programs, layout, *args, TILE=layout.finalize_tile, **constexprs)
+
+    def _run(self, kernel, programs: int, layout: _Layout, *args, **constexprs) -> None:
         device = layout.numels.device
         # Triton launches on the current device and its current stream: make them the
         # tensors' (parameters on cuda:1 must not get kernels on cuda:0)
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            kernel[(layout.num_blocks,)](*args, BLOCK=layout.block, **constexprs)
+            kernel[(programs,)](*args, **constexprs)
         self.launches += 1
+
+    def _partials(self, layout: _Layout, per_program: int) -> torch.Tensor:
+        """Scratch for ``per_program`` fp32 partials of every block of ``layout``. One
+        per device and stream, grown when a call needs more and never shrunk: kernels
+        on one stream run in order, so a call's partials are read by its finalize
+        before the next call's programs write theirs, and after the first window
+        nothing is allocated (keeping one per size would keep one per parameter shape
+        with accumulate_in_backward)."""
+        device = layout.numels.device
+        key = (device, _stream_key(device))
+        needed = layout.num_blocks * per_program
+        scratch = self._scratch.get(key)
+        if scratch is None or scratch.numel() < needed:
+            scratch = self._scratch[key] = torch.empty(needed, device=device)
+        return scratch
 
     def accumulate(
         self,
@@ -250,22 +291,35 @@ class TritonBackend:
         layout = self._layout(buffers)
         grad_operand = _Operand(grads, buffers, self)
         unused = self._unused(buffers[0].device)
+        sums = dict(HAS_SUM_SQ=sum_sq is not None, HAS_GRAD_SUM_SQ=grad_sum_sq is not None)
+        partials = unused
+        if any(sums.values()):
+            partials = self._partials(layout, self._kernels.SUM_PARTIALS.value)
         self._launch(
             self._kernels.accumulate_kernel,
             layout,
             self._buffer_table(buffers),
             grad_operand.table,
             unused if found_inf is None else found_inf,
-            unused if sum_sq is None else sum_sq,
-            unused if grad_sum_sq is None else grad_sum_sq,
+            partials,
             *layout.args(),
             float(scale),
             GRAD_DTYPE=_tl_dtype(grads[0].dtype),
             OVERWRITE=overwrite,
             CHECK_FINITE=found_inf is not None,
-            HAS_SUM_SQ=sum_sq is not None,
-            HAS_GRAD_SUM_SQ=grad_sum_sq is not None,
+            **sums,
         )
+        if any(sums.values()):
+            self._finalize(
+                self._kernels.finalize_sums_kernel,
+                1,
+                layout,
+                partials,
+                layout.num_blocks,
+                unused if sum_sq is None else sum_sq,
+                unused if grad_sum_sq is None else grad_sum_sq,
+                **sums,
+            )
 
     def _buffer_table(self, buffers: list[torch.Tensor]) -> torch.Tensor:
         """The buffers' addresses: views of the flat buffer, or gradients adopted as
@@ -313,9 +367,9 @@ class TritonBackend:
             return self._unused(batch.params[0].device)
         return batch.device_scalars
 
-    def _stats(self, batch: StepBatch) -> torch.Tensor:
-        """The fp32 gradient statistics table, rows added to by the kernels, or a
-        stand-in."""
+    def _stats_partials(self, batch: StepBatch, layout: _Layout) -> torch.Tensor:
+        """Scratch for the step's partial gradient statistics (the fp32 table is checked
+        here, before any launch), or a stand-in without them."""
         if batch.grad_stats is None:
             return self._unused(batch.params[0].device)
         stats = batch.grad_stats
@@ -326,7 +380,25 @@ class TritonBackend:
             )
         if not stats.is_contiguous() or stats.device != batch.params[0].device:
             raise ValueError("grad_stats must be contiguous, on the parameters' device")
-        return stats
+        return self._partials(layout, self._kernels.STAT_PARTIALS.value)
+
+    def _finalize_stats(self, batch: StepBatch, layout: _Layout, partials: torch.Tensor) -> None:
+        """Add the step's partial statistics to ``batch.grad_stats``, one program per
+        row (with a set skip flag it writes nothing)."""
+        if batch.grad_stats is None:
+            return
+        self._finalize(
+            self._kernels.finalize_grad_stats_kernel,
+            len(batch.params),
+            layout,
+            partials,
+            batch.grad_stats,
+            self._scalars(batch),
+            layout.tensor_first_block,
+            layout.tensor_blocks,
+            HAS_GRADS=batch.grads is not None,
+            HAS_DEVICE_SCALARS=batch.device_scalars is not None,
+        )
 
     def sgd_step(
         self,
@@ -346,6 +418,7 @@ class TritonBackend:
         flat_views, layout, params, grads, buffers = self._step_operands(
             batch, [momentum_buffers, batch.masters]
         )
+        partials = self._stats_partials(batch, layout)
         self._launch(
             self._kernels.sgd_kernel,
             layout,
@@ -355,7 +428,7 @@ class TritonBackend:
             self._flat(momentum_buffers, flat_views),
             self._flat(batch.masters, flat_views),
             self._scalars(batch),
-            self._stats(batch),
+            partials,
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),
@@ -371,6 +444,7 @@ class TritonBackend:
             NESTEROV=nesterov,
             MAXIMIZE=maximize,
         )
+        self._finalize_stats(batch, layout, partials)
         params.write_back()
 
     def adam_step(
@@ -395,6 +469,7 @@ class TritonBackend:
         flat_views, layout, params, grads, buffers = self._step_operands(
             batch, [exp_avgs, batch.masters]
         )
+        partials = self._stats_partials(batch, layout)
         self._launch(
             self._kernels.adam_kernel,
             layout,
@@ -406,7 +481,7 @@ class TritonBackend:
             self._flat(max_exp_avg_sqs, flat_views),
             self._flat(batch.masters, flat_views),
             self._scalars(batch),
-            self._stats(batch),
+            partials,
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),
@@ -424,4 +499,5 @@ class TritonBackend:
             AMSGRAD=amsgrad,
             MAXIMIZE=maximize,
         )
+        self._finalize_stats(batch, layout, partials)
         params.write_back()

@@ -24,11 +24,14 @@ the flag. Without the flag (and without ``HAS_SUM_SQ`` for accumulate) the kerne
 load nothing more than before.
 
 Sums over many programs (accumulate's ``sum_sq`` and ``grad_sum_sq``, the steps'
-``grad_stats``, spec.StepBatch) are reduced within each program and added with one
-atomic per program and total, under constexpr flags: without them no atomic is
-compiled in. The running maximum of ``grad_stats`` is an integer atomic max on the
-fp32 bits of non-negative values, which orders them as floats and makes NaN (above
-inf) win, compiled and interpreted alike.
+``grad_stats``, spec.StepBatch) come out the same bit for bit from run to run: no
+atomics, whose order a GPU varies. Each program reduces its block and writes the
+results (its partials) to its own row of a scratch buffer; a finalize kernel launched
+after it on the same stream then reduces the partials in a fixed order and adds the
+totals to the targets. All of it sits under constexpr flags: without sums asked for,
+no partial is written and no finalize is launched. The maximum of ``grad_stats`` is
+reduced on the fp32 bits of |g| as integers, which orders them as floats and makes
+NaN (above inf) win.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ import triton.language as tl
 # do; under it the kernels round by hand so that CI sees GPU results.
 _ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _ALIGNMENT = tl.constexpr(16)  # elements between flat offsets; bytes of every address
+# partials per program: accumulate's [sum_sq, grad_sum_sq]; a step's row of grad_stats
+SUM_PARTIALS = tl.constexpr(2)
+STAT_PARTIALS = tl.constexpr(4)
 
 
 # ----------------------------------------------------------------------- addressing
@@ -165,11 +171,22 @@ def _round_param(x, flat, seed, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
         return _to_param_dtype(x, DTYPE)
 
 
+# --------------------------------------------------------------------------- sums
+
+
 @triton.jit
-def _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask,
-                    HAS_GRADS: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr):  # fmt: skip
-    """Row ``tensor`` of the gradient statistics (spec.StepBatch.grad_stats) from this
-    program's block: [sum |g|, sum g**2, max |g|, sum grad**2] for the applied gradient
+def _store_partial(partials, column, value, keep, COLUMNS: tl.constexpr):
+    """Entry ``column`` of this program's row of ``partials`` ([programs, COLUMNS]); not
+    written where ``keep`` (None: always) is false."""
+    row = tl.program_id(0).to(tl.int64) * COLUMNS
+    tl.store(partials + row + column, value, mask=keep)
+
+
+@triton.jit
+def _grad_stats_partials(partials, scalars_ptr, gradient, grad, mask,
+                         HAS_GRADS: tl.constexpr, HAS_DEVICE_SCALARS: tl.constexpr):  # fmt: skip
+    """This program's partials of the gradient statistics (spec.StepBatch.grad_stats):
+    [sum |g|, sum g**2, max |g|, sum grad**2] over its block, for the applied gradient
     ``gradient`` and the fresh one ``grad`` (loaded as 0 where masked off). Lanes
     outside ``mask`` add nothing; with a set skip flag nothing is written."""
     # |g| as bits, sign cleared: for non-negative floats integer order is float order,
@@ -178,16 +195,15 @@ def _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask,
     if mask is not None:
         bits = tl.where(mask, bits, 0)
     magnitude = bits.to(tl.float32, bitcast=True)
-    row = stats_ptr + tensor.to(tl.int64) * 4
     keep = None
     if HAS_DEVICE_SCALARS:
-        keep = tl.load(scalars_ptr) == 0  # a skipped step leaves the row alone
-    tl.atomic_add(row, tl.sum(magnitude, axis=0), mask=keep, sem="relaxed")
-    tl.atomic_add(row + 1, tl.sum(magnitude * magnitude, axis=0), mask=keep, sem="relaxed")
-    maximum_ptr = (row + 2).to(tl.pointer_type(tl.int32), bitcast=True)
-    tl.atomic_max(maximum_ptr, tl.max(bits, axis=0), mask=keep, sem="relaxed")
+        keep = tl.load(scalars_ptr) == 0  # the finalize leaves the rows alone too
+    _store_partial(partials, 0, tl.sum(magnitude, axis=0), keep, STAT_PARTIALS)
+    _store_partial(partials, 1, tl.sum(magnitude * magnitude, axis=0), keep, STAT_PARTIALS)
+    maximum = tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+    _store_partial(partials, 2, maximum, keep, STAT_PARTIALS)
     if HAS_GRADS:
-        tl.atomic_add(row + 3, tl.sum(grad * grad, axis=0), mask=keep, sem="relaxed")
+        _store_partial(partials, 3, tl.sum(grad * grad, axis=0), keep, STAT_PARTIALS)
 
 
 @triton.jit
@@ -201,7 +217,7 @@ def _applied_gradient(
     normaliser,
     grad_weight,
     scalars_ptr,
-    stats_ptr,
+    partials,
     GRAD_DTYPE: tl.constexpr,
     USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr,
@@ -210,7 +226,7 @@ def _applied_gradient(
 ):
     """(buffer (if USE_BUFFER) + grad_weight * grad (if HAS_GRADS)) * normaliser, times
     the device's grad_factor (if HAS_DEVICE_SCALARS); the host never asks for
-    neither term. Its statistics go to stats_ptr (if HAS_GRAD_STATS)."""
+    neither term. Its statistics go to the program's partials (if HAS_GRAD_STATS)."""
     if HAS_GRADS:
         address = _address(grads, tensor, local, GRAD_DTYPE)
         grad = _load(address, mask).to(tl.float32)
@@ -226,8 +242,8 @@ def _applied_gradient(
     if HAS_GRAD_STATS:
         if not HAS_GRADS:
             grad = gradient  # unused
-        _add_grad_stats(stats_ptr, scalars_ptr, tensor, gradient, grad, mask, HAS_GRADS,
-                        HAS_DEVICE_SCALARS)  # fmt: skip
+        _grad_stats_partials(partials, scalars_ptr, gradient, grad, mask, HAS_GRADS,
+                             HAS_DEVICE_SCALARS)  # fmt: skip
     return gradient
 
 
@@ -236,7 +252,7 @@ def _applied_gradient(
 
 @triton.jit
 def _accumulate_block(
-    buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+    buffers, grads, found_inf_ptr, partials, tensor,
     local, flat, mask, scale, GRAD_DTYPE: tl.constexpr,
     OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, HAS_SUM_SQ: tl.constexpr,
     HAS_GRAD_SUM_SQ: tl.constexpr,
@@ -250,15 +266,15 @@ def _accumulate_block(
             tl.store(found_inf_ptr, 1.0)
     if HAS_GRAD_SUM_SQ:
         # the gradient as given, widened, before the scale; masked-off elements are 0
-        tl.atomic_add(grad_sum_sq_ptr, tl.sum(grad * grad, axis=0), sem="relaxed")
+        _store_partial(partials, 1, tl.sum(grad * grad, axis=0), None, SUM_PARTIALS)
     contribution = grad * scale
     if not OVERWRITE:
         contribution += _load(buffer, mask)
     tl.store(buffer, contribution, mask=mask)
     if HAS_SUM_SQ:
-        # masked-off elements loaded as 0 and add nothing; one atomic per program
+        # masked-off elements loaded as 0 and add nothing
         block_sum_sq = tl.sum(contribution * contribution, axis=0)
-        tl.atomic_add(sum_sq_ptr, block_sum_sq, sem="relaxed")
+        _store_partial(partials, 0, block_sum_sq, None, SUM_PARTIALS)
 
 
 @triton.jit
@@ -266,8 +282,7 @@ def accumulate_kernel(
     buffers,  # int64 [tensors]: addresses of the fp32 accumulation buffers
     grads,  # int64 [tensors]: addresses of the gradients
     found_inf_ptr,  # one fp32 flag, set to 1 when a gradient element is not finite
-    sum_sq_ptr,  # one fp32 total, the squares of the new buffer values added to it
-    grad_sum_sq_ptr,  # one fp32 total, the squares of the gradients added to it
+    partials,  # fp32 [blocks, SUM_PARTIALS]: the block's sum_sq and grad_sum_sq
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -276,8 +291,8 @@ def accumulate_kernel(
     GRAD_DTYPE: tl.constexpr,  # element type of the gradients
     OVERWRITE: tl.constexpr,  # first contribution of the window: do not read the buffer
     CHECK_FINITE: tl.constexpr,  # raise found_inf on a non-finite gradient
-    HAS_SUM_SQ: tl.constexpr,  # add to sum_sq
-    HAS_GRAD_SUM_SQ: tl.constexpr,  # add to grad_sum_sq
+    HAS_SUM_SQ: tl.constexpr,  # write the squares of the new buffer values' partial
+    HAS_GRAD_SUM_SQ: tl.constexpr,  # write the squares of the gradients' partial
     BLOCK: tl.constexpr,  # elements per program
 ):
     tensor, local, flat, numel, whole = _block(
@@ -285,13 +300,13 @@ def accumulate_kernel(
     )
     if whole:
         _accumulate_block(
-            buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            buffers, grads, found_inf_ptr, partials, tensor,
             local, flat, None, scale, GRAD_DTYPE, OVERWRITE, CHECK_FINITE,
             HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
     else:
         _accumulate_block(
-            buffers, grads, found_inf_ptr, sum_sq_ptr, grad_sum_sq_ptr, tensor,
+            buffers, grads, found_inf_ptr, partials, tensor,
             local, flat, local < numel, scale, GRAD_DTYPE, OVERWRITE,
             CHECK_FINITE, HAS_SUM_SQ, HAS_GRAD_SUM_SQ,
         )  # fmt: skip
@@ -300,7 +315,7 @@ def accumulate_kernel(
 @triton.jit
 def _sgd_block(
     params, buffers, grads, momentum_ptr, master_ptr,
-    scalars_ptr, stats_ptr, tensor, local, flat, mask, normaliser, grad_weight, lr, momentum,
+    scalars_ptr, partials, tensor, local, flat, mask, normaliser, grad_weight, lr, momentum,
     one_minus_dampening, weight_decay, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, USE_BUFFER: tl.constexpr,
     HAS_GRADS: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
@@ -312,7 +327,7 @@ def _sgd_block(
         mask = _unless_skipped(mask, scalars_ptr)
     gradient = _applied_gradient(
         buffers, grads, tensor, local, flat, mask, normaliser, grad_weight,
-        scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
+        scalars_ptr, partials, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
@@ -349,7 +364,7 @@ def sgd_kernel(
     momentum_ptr,  # flat momentum buffers
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
-    stats_ptr,  # fp32 [tensors, 4] gradient statistics, added to (HAS_GRAD_STATS)
+    partials,  # fp32 [blocks, STAT_PARTIALS]: the block's statistics (HAS_GRAD_STATS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -373,7 +388,7 @@ def sgd_kernel(
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
-    HAS_GRAD_STATS: tl.constexpr,  # add the applied gradient's statistics to stats_ptr
+    HAS_GRAD_STATS: tl.constexpr,  # write the applied gradient's statistics' partials
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -382,7 +397,7 @@ def sgd_kernel(
     if whole:
         _sgd_block(
             params, buffers, grads, momentum_ptr, master_ptr,
-            scalars_ptr, stats_ptr, tensor, local, flat, None, normaliser, grad_weight, lr,
+            scalars_ptr, partials, tensor, local, flat, None, normaliser, grad_weight, lr,
             momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
@@ -390,7 +405,7 @@ def sgd_kernel(
     else:
         _sgd_block(
             params, buffers, grads, momentum_ptr, master_ptr,
-            scalars_ptr, stats_ptr, tensor, local, flat, local < numel, normaliser, grad_weight,
+            scalars_ptr, partials, tensor, local, flat, local < numel, normaliser, grad_weight,
             lr, momentum, one_minus_dampening, weight_decay, seed, PARAM_DTYPE, GRAD_DTYPE,
             USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, HAS_MOMENTUM, INIT_MOMENTUM,
             NESTEROV, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
@@ -400,7 +415,7 @@ def sgd_kernel(
 @triton.jit
 def _adam_block(
     params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
-    max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, mask,
+    max_exp_avg_sq_ptr, master_ptr, scalars_ptr, partials, tensor, local, flat, mask,
     normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, USE_BUFFER: tl.constexpr,
@@ -414,7 +429,7 @@ def _adam_block(
         bias_correction2_sqrt = _device_scalar(scalars_ptr, 3)
     gradient = _applied_gradient(
         buffers, grads, tensor, local, flat, mask, normaliser, grad_weight,
-        scalars_ptr, stats_ptr, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
+        scalars_ptr, partials, GRAD_DTYPE, USE_BUFFER, HAS_GRADS,
         HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
     )  # fmt: skip
     if MAXIMIZE:
@@ -457,7 +472,7 @@ def adam_kernel(
     max_exp_avg_sq_ptr,  # flat running maxima of the second moments (amsgrad)
     master_ptr,  # flat fp32 master copies of the parameters (HAS_MASTER)
     scalars_ptr,  # float64 device scalars, [skip, grad_factor, ...] (HAS_DEVICE_SCALARS)
-    stats_ptr,  # fp32 [tensors, 4] gradient statistics, added to (HAS_GRAD_STATS)
+    partials,  # fp32 [blocks, STAT_PARTIALS]: the block's statistics (HAS_GRAD_STATS)
     block_tensor,  # int32 [blocks]
     block_start,  # int64 [blocks]
     numels,  # int64 [tensors]
@@ -484,7 +499,7 @@ def adam_kernel(
     HAS_MASTER: tl.constexpr,  # read and write master_ptr, write the parameter rounded
     STOCHASTIC: tl.constexpr,  # round bf16 parameters stochastically
     HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
-    HAS_GRAD_STATS: tl.constexpr,  # add the applied gradient's statistics to stats_ptr
+    HAS_GRAD_STATS: tl.constexpr,  # write the applied gradient's statistics' partials
     BLOCK: tl.constexpr,
 ):
     tensor, local, flat, numel, whole = _block(
@@ -493,7 +508,7 @@ def adam_kernel(
     if whole:
         _adam_block(
             params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat, None,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, partials, tensor, local, flat, None,
             normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
             decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE, GRAD_DTYPE,
             USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
@@ -502,9 +517,90 @@ def adam_kernel(
     else:
         _adam_block(
             params, buffers, grads, exp_avg_ptr, exp_avg_sq_ptr,
-            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, stats_ptr, tensor, local, flat,
+            max_exp_avg_sq_ptr, master_ptr, scalars_ptr, partials, tensor, local, flat,
             local < numel, normaliser, grad_weight, one_minus_beta1, beta2, one_minus_beta2, eps,
             weight_decay, decay_factor, step_size, bias_correction2_sqrt, seed, PARAM_DTYPE,
             GRAD_DTYPE, USE_BUFFER, HAS_GRADS, HAS_WEIGHT_DECAY, DECOUPLED,
             AMSGRAD, MAXIMIZE, HAS_MASTER, STOCHASTIC, HAS_DEVICE_SCALARS, HAS_GRAD_STATS,
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------- finalize
+# The partials are reduced in fp64: widening them is exact, and an fp64 sum of even
+# millions of them (all non-negative: nothing cancels) is off by far less than an fp32
+# ulp, so the total, rounded to fp32 once as it is added to its target, hardly depends
+# on the tiling. A finalize reads a few values per block, so fp64 costs nothing.
+
+
+@triton.jit
+def _sum_in_order(column, count, COLUMNS: tl.constexpr, TILE: tl.constexpr):
+    """The sum of ``count`` partials, ``column[0]``, ``column[COLUMNS]``, ...: each tile
+    of TILE by tl.sum, the tiles' sums added in order."""
+    offsets = tl.arange(0, TILE).to(tl.int64)
+    total = tl.zeros((), tl.float64)
+    for start in range(0, count, TILE):
+        index = start + offsets
+        tile = tl.load(column + index * COLUMNS, mask=index < count, other=0.0)
+        total += tl.sum(tile.to(tl.float64), axis=0)
+    return total
+
+
+@triton.jit
+def _add_total(target, total, keep):
+    """``target`` (fp32) plus the fp64 ``total``, rounded once; nothing written where
+    ``keep`` (None: always) is false."""
+    tl.store(target, (tl.load(target).to(tl.float64) + total).to(tl.float32), mask=keep)
+
+
+@triton.jit
+def finalize_sums_kernel(
+    partials,  # fp32 [programs, SUM_PARTIALS] of an accumulate
+    programs,  # programs of that accumulate
+    sum_sq_ptr,  # one fp32 total, the sum of the programs' sum_sq added to it
+    grad_sum_sq_ptr,  # one fp32 total, the sum of the programs' grad_sum_sq added to it
+    HAS_SUM_SQ: tl.constexpr,
+    HAS_GRAD_SUM_SQ: tl.constexpr,
+    TILE: tl.constexpr,  # partials summed at a time
+):
+    if HAS_SUM_SQ:
+        _add_total(sum_sq_ptr, _sum_in_order(partials, programs, SUM_PARTIALS, TILE), None)
+    if HAS_GRAD_SUM_SQ:
+        total = _sum_in_order(partials + 1, programs, SUM_PARTIALS, TILE)
+        _add_total(grad_sum_sq_ptr, total, None)
+
+
+@triton.jit
+def finalize_grad_stats_kernel(
+    partials,  # fp32 [programs, STAT_PARTIALS] of a step
+    stats_ptr,  # fp32 [tensors, 4] gradient statistics, added to; one program per row
+    scalars_ptr,  # float64 device scalars, [skip, ...] (HAS_DEVICE_SCALARS)
+    tensor_first_block,  # int64 [tensors]: the step's first program on each tensor
+    tensor_blocks,  # int64 [tensors]: how many consecutive programs work on it
+    HAS_GRADS: tl.constexpr,  # add column 3, the fresh gradients' squares
+    HAS_DEVICE_SCALARS: tl.constexpr,  # read scalars_ptr; a set skip flag writes nothing
+    TILE: tl.constexpr,  # partials reduced at a time
+):
+    tensor = tl.program_id(0).to(tl.int64)
+    count = tl.load(tensor_blocks + tensor)
+    keep = count > 0  # an empty tensor had no program: its row stays as it is
+    if HAS_DEVICE_SCALARS:
+        keep = keep & (tl.load(scalars_ptr) == 0)
+    first = partials + tl.load(tensor_first_block + tensor) * STAT_PARTIALS
+    row = stats_ptr + tensor * 4
+    _add_total(row, _sum_in_order(first, count, STAT_PARTIALS, TILE), keep)
+    _add_total(row + 1, _sum_in_order(first + 1, count, STAT_PARTIALS, TILE), keep)
+    if HAS_GRADS:
+        _add_total(row + 3, _sum_in_order(first + 3, count, STAT_PARTIALS, TILE), keep)
+    # the maximum on the bits, as the programs took theirs (NaN wins)
+    maxima = (first + 2).to(tl.pointer_type(tl.int32), bitcast=True)
+    offsets = tl.arange(0, TILE).to(tl.int64)
+    bits = tl.zeros((), tl.int32)
+    for start in range(0, count, TILE):
+        index = start + offsets
+        tile = tl.load(maxima + index * STAT_PARTIALS, mask=index < count, other=0)
+        bits = tl.maximum(bits, tl.max(tile, axis=0))
+    maximum = bits.to(tl.float32, bitcast=True)
+    old = tl.load(row + 2)
+    # as torch.maximum: NaN wins from either side (a comparison with NaN is false)
+    new = tl.where((maximum > old) | (maximum != maximum), maximum, old)
+    tl.store(row + 2, new, mask=keep)
