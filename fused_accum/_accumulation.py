@@ -10,6 +10,7 @@ from collections.abc import Container
 import torch
 
 from ._storage import FlatGroup
+from ._sums import sum_in_fixed_order
 from .backends import Backend, resolve_backend
 
 
@@ -161,9 +162,13 @@ class AccumulationState:
                 grad_sum_sq=None if grad_sum_sq is None else grad_sum_sq[group.device],
             )
         for device, grads in squared.items():
-            # adopted, so read by no kernel: their squares from a read-only pass
-            norms = torch.stack(torch._foreach_norm(grads)).double()
-            grad_sum_sq[device].add_(norms.square().sum().float())
+            # adopted, so read by no kernel: their squares from a read-only pass, in a
+            # fixed order on CPU (a GPU's foreach norm reduces in a fixed order itself)
+            if device.type == "cpu":
+                squares = torch.stack([sum_in_fixed_order(g.double().square()) for g in grads])
+            else:
+                squares = torch.stack(torch._foreach_norm(grads)).double().square()
+            grad_sum_sq[device].add_(squares.sum().float())
         holds_sum.update(first_sums)
         adopted.update(newly_adopted)
 

@@ -22,6 +22,7 @@ from ._grad_stats import GradStatsTracker
 from ._loss_scaling import DeviceLossScale, loss_scaling_settings
 from ._ownership import is_private
 from ._state_dict import StateDictMixin
+from ._sums import sum_in_fixed_order
 from .backends import Backend, StepBatch, check_backend_name
 from .distributed import WindowReducer, check_ranks_agree
 
@@ -699,7 +700,7 @@ class FusedAccumOptimizer(StateDictMixin, Optimizer):
         for param in self._all_params():
             if id(param) in accumulation.holds_sum and id(param) not in leaving_out:
                 buffer = accumulation.buffer_view(param)
-                squares[param.device].add_(buffer.double().square().sum().float())
+                squares[param.device].add_(sum_in_fixed_order(buffer.double().square()).float())
         return squares
 
     def _fold_last(

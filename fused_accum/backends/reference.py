@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .._sums import sum_in_fixed_order
 from .spec import StepBatch
 
 
@@ -37,12 +38,12 @@ def _add_grad_stats(batch: StepBatch, index: int, gradient: torch.Tensor) -> Non
     """Row ``index`` of ``batch.grad_stats``: [sum |g|, sum g**2, max |g|, sum grad**2]."""
     row = batch.grad_stats[index]
     magnitude = gradient.float().abs()
-    row[0] += magnitude.sum()
-    row[1] += magnitude.square().sum()
+    row[0] += sum_in_fixed_order(magnitude).to(row.dtype)
+    row[1] += sum_in_fixed_order(magnitude.square()).to(row.dtype)
     if magnitude.numel():
         torch.maximum(row[2], magnitude.max(), out=row[2])
     if batch.grads is not None:
-        row[3] += batch.grads[index].float().square().sum()
+        row[3] += sum_in_fixed_order(batch.grads[index].float().square()).to(row.dtype)
 
 
 @contextmanager
@@ -132,7 +133,7 @@ class ReferenceBackend:
     ) -> None:
         for buffer, grad in zip(buffers, grads, strict=True):
             if grad_sum_sq is not None:
-                grad_sum_sq.add_(grad.double().square().sum().to(grad_sum_sq.dtype))
+                grad_sum_sq.add_(sum_in_fixed_order(grad.double().square()).to(grad_sum_sq.dtype))
             grad = grad.to(buffer.dtype)
             if found_inf is not None:
                 nonfinite = torch.isfinite(grad).logical_not_().any()
@@ -142,7 +143,7 @@ class ReferenceBackend:
             else:
                 buffer.add_(grad, alpha=scale)
             if sum_sq is not None:
-                sum_sq.add_(buffer.double().square().sum().to(sum_sq.dtype))
+                sum_sq.add_(sum_in_fixed_order(buffer.double().square()).to(sum_sq.dtype))
 
     def sgd_step(
         self,
