@@ -60,6 +60,11 @@ python -m fused_accum bench --device cuda --out "$out/bench" --no-progress \
   > "$out/bench.log" 2>&1 || bench="FAILED"
 tail -n 30 "$out/bench.log"
 
+echo "== backend order: fused_accum[cuda] against fused_accum[triton], case by case"
+python benchmarks/backend_order.py "$out/bench" > "$out/backend_order.md" 2>&1
+cat "$out/backend_order.md"
+order=$(tail -n 1 "$out/backend_order.md")
+
 counts=$(tail -n 1 "$out/tests.log")
 status=0
 [ "$build" = ok ] || status=1
@@ -73,6 +78,7 @@ status=0
   echo "| tests | $counts |"
   echo "| GPU tests skipped | $cuda_skips (must be 0) |"
   echo "| benchmarks | $bench |"
+  echo "| backend order | $order |"
   echo "| gpu_check | $([ $status -eq 0 ] && echo passed || echo FAILED) |"
 } > "$out/summary.txt"
 echo "== summary"

@@ -29,8 +29,12 @@ def check_backend_name(name: str) -> None:
 
 
 # What "auto" tries, in order, per device type; the reference backend comes last. The
-# order is the measured speed where measured (benchmarks/RESULTS.md).
-_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+# order is the measured speed where measured (benchmarks/RESULTS.md). On CUDA, until a
+# GPU measures it (benchmarks/gpu_check.sh prints the verdict): the CUDA kernels first.
+# Both move the bytes of the byte model with 16-byte accesses (their PTX checks), but
+# a compiled launch costs the host a few microseconds against tens for Triton's Python
+# launcher, which decides small models' windows, and nothing is compiled at first use.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 _instances: dict[str, Backend] = {}
 _noticed: set[str] = set()
 
@@ -63,7 +67,7 @@ def _instance(name: str) -> Backend:
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that runs the group of parameters of ``dtype`` on ``device``.
 
-    ``auto`` takes the first available of Triton then the CUDA kernels on a GPU, the
+    ``auto`` takes the first available of the CUDA kernels then Triton on a GPU, the
     compiled CPU kernels on a CPU, and else the reference, saying so once per device
     type. An explicit name that cannot serve the group raises ValueError saying why."""
     check_backend_name(name)
