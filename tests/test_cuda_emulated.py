@@ -92,6 +92,19 @@ def test_steps_with_the_blocks_and_warps_reversed(order, dtype):
     run_accumulate(emulated_backend(), SHAPES, dtype, False, sum_sq=True)
 
 
+# every remainder modulo the 4 (fp32 and 16-bit) or 2 (fp64) elements of a group, alone
+# and after a whole chunk
+TAILS = [(n,) for n in range(1, 10)] + [(CHUNK - 1,), (CHUNK + 2,), (CHUNK + 3,)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_tail(dtype):
+    backend = emulated_backend()
+    run_accumulate(backend, TAILS, dtype, False, sum_sq=True)
+    run_adam(backend, TAILS, dtype, dict(weight_decay=0.1, decoupled_weight_decay=True,
+             amsgrad=True, maximize=False), True, True, 2, stats=True)  # fmt: skip
+
+
 def _many_shapes(count: int) -> list[tuple[int, ...]]:
     sizes = torch.randint(1, 300, (count,), generator=torch.Generator().manual_seed(3))
     return [(int(size),) for size in sizes] + [(0,), (5,)]
