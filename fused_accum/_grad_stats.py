@@ -115,3 +115,69 @@ class GradStatsTracker:
         if self._history is None:
             return torch.empty(0)
         return self._history[: self._history_length]
+
+
+class GradStatsAccess:
+    """The optimizer's gradient statistics (``track_grad_stats``), as a mixin of
+    FusedAccumOptimizer. Needs ``_grad_stats``, ``_loss_scale``, ``_accumulation``
+    and ``param_groups`` from it."""
+
+    _grad_stats: GradStatsTracker | None
+    _loss_scale: Any
+    _accumulation: Any
+    param_groups: list[dict[str, Any]]
+
+    def _micro_step_squares(self, inverse_loss_scale: float) -> dict | None:
+        """With ``track_grad_stats``, where this micro-step's gradients leave the sums
+        of their squares (per device); else None."""
+        if self._grad_stats is None:
+            return None
+        scale: Any = inverse_loss_scale
+        if self._loss_scale is not None:
+            scale = self._loss_scale.scale.reshape(()).reciprocal()
+        return self._grad_stats.micro_step_sums(self._accumulation.devices, scale)
+
+    def grad_stats(self) -> list[dict[str, Any]]:
+        """With ``track_grad_stats``: per parameter updated by the last applied window,
+        in model order, ``{"name", "mean_abs", "max_abs", "norm"}`` of its applied
+        gradient (the window's mean, after clipping and unscaling). Names come from
+        ``named_parameters()`` when the optimizer was given them, else "group.index".
+        Reads the device (a host synchronisation), so call it when you need it."""
+        tracker = self._require_grad_stats()
+        rows: dict[int, torch.Tensor] = {}
+        for params, table in tracker.last_tables:
+            values = table.cpu()
+            for param, row in zip(params, values, strict=True):
+                rows[id(param)] = row
+        stats = []
+        for group_index, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for index, param in enumerate(group["params"]):
+                row = rows.get(id(param))
+                if row is None:
+                    continue
+                stats.append({
+                    "name": names[index] if names else f"{group_index}.{index}",
+                    "mean_abs": row[0].item() / max(param.numel(), 1),
+                    "max_abs": row[2].item(),
+                    "norm": row[1].sqrt().item(),
+                })  # fmt: skip
+        return stats
+
+    def micro_step_grad_norms(self) -> torch.Tensor | None:
+        """With ``track_grad_stats``: the L2 norm of each micro-step's gradient in the
+        last applied window (unweighted, unscaled; this rank's), a device tensor."""
+        return self._require_grad_stats().micro_step_norms()
+
+    def grad_norm_history(self) -> torch.Tensor:
+        """With ``track_grad_stats``: the global L2 norm of the applied gradient of
+        every window so far that reached the step, a device tensor (NaN for a window
+        skipped on the device by ``loss_scaling``)."""
+        return self._require_grad_stats().history()
+
+    def _require_grad_stats(self) -> GradStatsTracker:
+        if self._grad_stats is None:
+            raise RuntimeError(
+                "gradient statistics need track_grad_stats=True when the optimizer is created"
+            )
+        return self._grad_stats

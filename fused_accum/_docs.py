@@ -1,0 +1,44 @@
+"""The docstring of the arguments every fused_accum optimizer adds to torch.optim's."""
+
+ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>= 1).
+        backend: ``"auto"`` (the fastest available per (device, dtype) group),
+            ``"torch"`` (the pure-PyTorch reference), ``"triton"``, ``"cpu"`` or
+            ``"cuda"``; an explicit one that cannot serve a group raises an error.
+        accumulate_in_backward: fold each gradient into its buffer during backward, as
+            soon as autograd produces it, and free it, so the whole model's ``.grad``
+            never exists at once. step() then only counts and applies; give a
+            micro-batch's weight with :meth:`set_weight` before its backward.
+        master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
+            ``"master_param"``, saved in the state dict): the update is applied to the
+            master and the parameter receives it rounded, so that updates smaller than
+            the parameter's precision are not lost. No effect on fp32/fp64 parameters.
+        stochastic_rounding: round bf16 parameters stochastically after each update
+            (unbiased: small updates survive on average, at no memory cost), with a
+            seed drawn from torch's generator at construction and saved in the state
+            dict. The alternative to ``master_weights``; fp16 parameters still round to
+            nearest.
+        max_grad_norm: clip the window's mean gradient to this global L2 norm before
+            the update, as ``torch.nn.utils.clip_grad_norm_`` on it would; the norm
+            (before clipping) is then :attr:`grad_norm`, a device tensor. The squares
+            are summed by the last micro-step's accumulate pass and the clipping
+            factor applied by the step, so no host synchronisation is needed.
+        loss_scaling: built-in dynamic loss scaling for fp16 training, without a
+            GradScaler and without host synchronisation: ``True`` (GradScaler's
+            defaults) or a :class:`LossScaling`. Call ``optimizer.scale_loss(loss)
+            .backward()``; a non-finite gradient in any micro-batch skips the whole
+            window on the device, and the scale backs off or grows there. All
+            parameters must be on one device.
+        process_group: data parallel training on torch.distributed: each rank
+            accumulates its own micro-batches, and at the window boundary the fp32
+            buffers are summed over the ranks of this group (for example
+            ``torch.distributed.group.WORLD``) once, in asynchronous buckets, and the
+            window weights too, so the update is the weighted mean over every
+            micro-batch of every rank. None (the default): one process.
+        track_grad_stats: keep gradient statistics on the device, computed by the
+            kernels that already read the gradients (the one extra read is of adopted
+            first gradients, in place of their copy): per parameter mean |g|, max |g|
+            and L2 norm of each window's applied gradient, each micro-step's gradient
+            norm, and the history of the window norms.
+            Read them with :meth:`grad_stats`, :meth:`micro_step_grad_norms` and
+            :meth:`grad_norm_history`; plot them with ``fused_accum.plot_grad_flow``.
+"""

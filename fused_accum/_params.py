@@ -1,0 +1,86 @@
+"""Parameter checks of the fused_accum optimizers, as a mixin of FusedAccumOptimizer:
+what a new param group may hold, where its parameters may live, and how to name one
+in an error message."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+
+from ._accumulation import AccumulationState
+
+
+class ParameterChecks:
+    """Needs ``_accumulation``, ``_loss_scaling``, ``_process_group``,
+    ``_flat_state_names``, ``state`` and ``param_groups`` from the optimizer."""
+
+    _accumulation: AccumulationState
+    _loss_scaling: Any
+    _process_group: Any
+    _flat_state_names: tuple[str, ...]
+    state: Any
+    param_groups: list[dict[str, Any]]
+
+    def _check_new_params(self, params: list[torch.Tensor], group_index: int) -> None:
+        seen: set[torch.Tensor] = set()
+        for index, param in enumerate(params):
+            if not isinstance(param, torch.Tensor):
+                continue  # torch.optim raises its own TypeError for these
+            where = f"parameter {index} of param group {group_index}"
+            if param in seen:
+                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
+            seen.add(param)
+            if param.is_complex():
+                raise ValueError(
+                    f"{where} is complex ({param.dtype}); {type(self).__name__} supports "
+                    f"real floating-point parameters only: keep the real and imaginary "
+                    f"parts as two real parameters, or use torch.optim"
+                )
+            if not param.is_floating_point():
+                raise ValueError(
+                    f"{where} has dtype {param.dtype}; only floating-point parameters "
+                    f"can be optimized"
+                )
+            if param.layout != torch.strided:
+                raise ValueError(
+                    f"{where} has layout {param.layout}; only dense (strided) parameters "
+                    f"are supported"
+                )
+
+    def _check_one_device(self, params: list[torch.Tensor]) -> None:
+        """With loss scaling or data parallel, every parameter must live on one device:
+        the window's overflow flag, the scale and the reduced tensors are one device's."""
+        if self._loss_scaling is None and self._process_group is None:
+            return
+        devices = set(self._accumulation.devices)
+        devices |= {p.device for p in params if isinstance(p, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(
+                f"loss_scaling and process_group need all parameters on one device, got "
+                f"{sorted(str(d) for d in devices)}; use one device per process (and "
+                f"torch.amp.GradScaler for a model spread over devices)"
+            )
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return list(chain.from_iterable(group["params"] for group in self.param_groups))
+
+    def _describe(self, param: torch.Tensor) -> str:
+        for group_index, group in enumerate(self.param_groups):
+            for index, member in enumerate(group["params"]):
+                if member is param:
+                    names = group.get("param_names")
+                    name = f" ({names[index]})" if names else ""
+                    return f"parameter {index}{name} of param group {group_index}"
+        return "a parameter"
+
+    def _rebind_state_views(self, params: list[torch.Tensor]) -> None:
+        """Point state entries at the current flat tensors (after a group grew)."""
+        for param in params:
+            state = self.state.get(param)
+            if not state:
+                continue
+            for name in self._flat_state_names:
+                if isinstance(state.get(name), torch.Tensor):
+                    state[name] = self._accumulation.state_view(param, name)

@@ -1,0 +1,210 @@
+"""The update at a window's boundary, as a mixin of FusedAccumOptimizer: the window's
+scalars decided on the device (clipping, loss scaling), the parameters gathered into
+batches, and each batch handed to the subclass's update (SGD, Adam)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from ._accumulation import AccumulationState
+from ._sums import sum_in_fixed_order
+from .backends import Backend, StepBatch
+
+
+class WindowUpdate:
+    """Needs ``_accumulation``, ``_grad_stats``, ``_reducer``, ``_loss_scale``,
+    ``max_grad_norm``, ``master_weights``, ``stochastic_rounding``,
+    ``_rounding_seed``, ``accumulation_steps``, ``_all_params``, ``_found_inf``,
+    ``state`` and ``param_groups`` from the optimizer; subclasses define
+    ``_prepare_state`` and ``_step_batch``."""
+
+    _accumulation: AccumulationState
+    _grad_stats: Any
+    _reducer: Any
+    _loss_scale: Any
+    _grad_norm: torch.Tensor | None
+    max_grad_norm: float | None
+    master_weights: bool
+    stochastic_rounding: bool
+    _rounding_seed: int
+    state: Any
+    param_groups: list[dict[str, Any]]
+
+    def _apply_window(
+        self, fresh: list[tuple[torch.Tensor, torch.Tensor]], fresh_factor: float
+    ) -> bool:
+        """Apply the window: the buffers' sums and the last micro-step's gradients
+        ``fresh`` (scaled by ``fresh_factor``), divided by the window's weight (over
+        all ranks, when data parallel). Returns False if the host skipped it (a
+        GradScaler overflow on some rank)."""
+        accumulation = self._accumulation
+        total_weight = accumulation.window_weight
+        window_scalars = None
+        decided_on_device = self.max_grad_norm is not None or self._loss_scale is not None
+        grad_squares = None if self._grad_stats is None else self._grad_stats.open_sums()
+        if self._reducer is not None:
+            accumulation.fold(fresh, fresh_factor, self._found_inf(), grad_sum_sq=grad_squares)
+            fresh = []
+            total_weight, overflowed = self._reducer.reduce_window(
+                accumulation,
+                self._all_params(),
+                overflowed=accumulation.overflowed,
+                found_inf=self._found_inf(),
+                accumulation_steps=self.accumulation_steps,
+            )
+            if overflowed and self._loss_scale is None:
+                accumulation.end_window()
+                if self._grad_stats is not None:
+                    self._grad_stats.discard()
+                return False
+            if decided_on_device:
+                squares = self._squares_of_sums() if self.max_grad_norm is not None else None
+                window_scalars = self._window_scalars(squares, total_weight)
+        elif decided_on_device:
+            squares = self._fold_last(fresh, fresh_factor, grad_squares)
+            fresh = []
+            window_scalars = self._window_scalars(squares, total_weight)
+        fresh_grads = {id(param): grad for param, grad in fresh}
+        for group in self.param_groups:
+            batches: dict[Hashable, StepBatch] = {}
+            for param in group["params"]:
+                use_buffer = id(param) in accumulation.holds_sum
+                grad = fresh_grads.get(id(param))
+                if not use_buffer and grad is None:
+                    continue  # no gradient in the whole window: skipped, as torch does
+                state_key = self._prepare_state(group, param)
+                master = self._master_param(param)
+                key = (param.device, param.dtype, use_buffer, grad is not None, state_key)
+                batch = batches.get(key)
+                if batch is None:
+                    batch = batches[key] = StepBatch(
+                        params=[],
+                        buffers=[],
+                        grads=None if grad is None else [],
+                        use_buffer=use_buffer,
+                        # without a sum to complete, the fresh gradient's share is
+                        # one factor: exactly 1 for a window of one micro-step
+                        normaliser=1.0 / total_weight if use_buffer else 1.0,
+                        grad_weight=fresh_factor if use_buffer else fresh_factor / total_weight,
+                        masters=None if master is None else [],
+                        rounding_seed=self._update_rounding_seed(param),
+                    )
+                batch.params.append(param)
+                if master is not None:
+                    batch.masters.append(master)
+                batch.buffers.append(accumulation.step_buffer(param, grad))
+                if grad is not None:
+                    batch.grads.append(grad)
+            for (device, dtype, *_, state_key), batch in batches.items():
+                backend = accumulation.backends[(device, dtype)]
+                scalars = None if window_scalars is None else window_scalars[device]
+                if self._grad_stats is not None:
+                    batch.grad_stats = self._grad_stats.table(batch.params, device)
+                self._step_batch(group, backend, batch, state_key, scalars)
+        accumulation.end_window()
+        if self._grad_stats is not None:
+            skip = None
+            if window_scalars is not None and self._loss_scale is not None:
+                skip = next(iter(window_scalars.values()))[0]
+            self._grad_stats.end_window(applied=True, skip=skip)
+        accumulation.update_count += 1
+        if self._loss_scale is not None:
+            self._loss_scale.end_window()
+        return True
+
+    def _squares_of_sums(
+        self, leaving_out: set[int] = frozenset()
+    ) -> dict[torch.device, torch.Tensor]:
+        """Per device, the sum of the squares of the window's sums, but for the
+        parameters (ids) ``leaving_out``: one pass over those buffers."""
+        accumulation = self._accumulation
+        squares = {device: torch.zeros(1, device=device) for device in accumulation.devices}
+        for param in self._all_params():
+            if id(param) in accumulation.holds_sum and id(param) not in leaving_out:
+                buffer = accumulation.buffer_view(param)
+                squares[param.device].add_(sum_in_fixed_order(buffer.double().square()).float())
+        return squares
+
+    def _fold_last(
+        self,
+        fresh: list[tuple[torch.Tensor, torch.Tensor]],
+        fresh_factor: float,
+        grad_squares: dict[torch.device, torch.Tensor] | None = None,
+    ) -> dict[torch.device, torch.Tensor] | None:
+        """Fold the last micro-step's gradients like the others' (checking them for
+        non-finite values and, when clipping, summing the squares of the window's sums
+        on the way; the sums it does not touch are squared apart). Returns the sums of
+        squares per device, or None without clipping."""
+        squares = None
+        if self.max_grad_norm is not None:
+            squares = self._squares_of_sums(leaving_out={id(param) for param, _ in fresh})
+        self._accumulation.fold(fresh, fresh_factor, self._found_inf(), squares, grad_squares)
+        return squares
+
+    def _window_scalars(
+        self, squares: dict[torch.device, torch.Tensor] | None, weight: float
+    ) -> dict[torch.device, torch.Tensor]:
+        """Decide on the device whether the window is skipped and the factor on its
+        mean gradient (clipping coefficient over loss scale): ``[skip, factor]`` as
+        float64, per device. Nothing is read on the host."""
+        devices = self._accumulation.devices
+        home = devices[0]
+        skip = torch.zeros((), device=home)
+        factor = torch.ones((), device=home)
+        if self._loss_scale is not None:
+            skip = self._loss_scale.found_inf.reshape(()).clone()
+            factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
+        if squares is not None:
+            total = torch.stack([squares[device].to(home) for device in devices]).sum()
+            # the buffers hold sum(w * g) times the loss scale; the mean is that / weight
+            norm = total.sqrt() / weight * factor
+            coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            factor = coefficient * factor
+            self._grad_norm = norm
+        scalars = torch.stack([skip, factor]).double()
+        return {device: scalars.to(device) for device in devices}
+
+    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+        """Create ``param``'s state if it has none yet (as torch.optim does, at its
+        first update) and return what, besides the group, its update depends on."""
+        raise NotImplementedError
+
+    def _step_batch(
+        self,
+        group: dict[str, Any],
+        backend: Backend,
+        batch: StepBatch,
+        state_key: Hashable,
+        window_scalars: torch.Tensor | None,
+    ) -> None:
+        """Run one update on ``batch``; ``window_scalars`` is None, or ``[skip,
+        factor]`` decided on the device (float64, on the batch's device), which the
+        update must honour (see spec.StepBatch.device_scalars)."""
+        raise NotImplementedError
+
+    def _update_rounding_seed(self, param: torch.Tensor) -> int | None:
+        """With ``stochastic_rounding``, the seed of this update for a bf16 parameter
+        (a new one every update); else None."""
+        if not self.stochastic_rounding or param.dtype != torch.bfloat16:
+            return None
+        return (self._rounding_seed + self._accumulation.update_count * 0x9E3779B9) % 2**31
+
+    def _master_param(self, param: torch.Tensor) -> torch.Tensor | None:
+        """With ``master_weights``, the fp32 master copy of a bf16/fp16 parameter,
+        made from the parameter at its first update (or loaded); else None."""
+        if not self.master_weights or param.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        state = self.state[param]
+        master = state.get("master_param")
+        if master is None:
+            master = state["master_param"] = self._accumulation.state_view(param, "master_param")
+            master.copy_(param)
+        return master
+
+    def _new_state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        view = self._accumulation.state_view(param, name)
+        view.zero_()
+        return view
