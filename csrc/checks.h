@@ -32,11 +32,13 @@ inline void check_like_buffer(const at::Tensor& tensor, const at::Tensor& buffer
   TORCH_CHECK(tensor.device() == buffer.device(), "fused_accum: ", what, "[", index,
               "] is on ", tensor.device(), " but its accumulation buffer is on ",
               buffer.device());
-  TORCH_CHECK(tensor.numel() <= 1 ||
-                  (tensor.strides() == buffer.strides() && tensor.is_non_overlapping_and_dense()),
-              "fused_accum: ", what, "[", index, "] has strides ", tensor.strides(),
-              " but its accumulation buffer has strides ", buffer.strides(),
-              "; pass a dense tensor laid out like the buffer");
+  // a ValueError in Python, apart from the other checks: the backend then retries on a
+  // copy in the buffer's layout (nothing has been written yet)
+  TORCH_CHECK_VALUE(tensor.numel() <= 1 || (tensor.strides() == buffer.strides() &&
+                                            tensor.is_non_overlapping_and_dense()),
+                    "fused_accum: ", what, "[", index, "] has strides ", tensor.strides(),
+                    " but its accumulation buffer has strides ", buffer.strides(),
+                    "; pass a dense tensor laid out like the buffer");
 }
 
 inline void check_list(const at::TensorList& tensors, const at::TensorList& buffers,

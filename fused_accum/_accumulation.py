@@ -39,6 +39,11 @@ class AccumulationState:
         # Keyed by id(param): hashing a tensor runs Python code, and these are looked up
         # for every parameter at every micro-step.
         self.slots: dict[int, tuple[FlatGroup, int]] = {}
+        # every parameter in the order added, with what its gradient must be: (shape,
+        # dtype, device index: -1 on CPU), for the steady state's intake
+        self.ordered: list[torch.Tensor] = []
+        self.grad_specs: list[tuple[torch.Size, torch.dtype, int]] = []
+        self._steady_plan: list[tuple[Backend, torch.device, list[int] | None, list]] | None = None
         self.holds_sum: set[int] = set()
         self.adopted: dict[int, torch.Tensor] = {}  # id(param): its gradient, as its buffer
         self.adoption = True  # off where the flat buffers themselves are needed (all-reduce)
@@ -70,6 +75,10 @@ class AccumulationState:
             for index, param in enumerate(new_params, start):
                 self.slots[id(param)] = (group, index)
             grown.add(group)
+        for param in params:
+            self.ordered.append(param)
+            self.grad_specs.append((param.shape, param.dtype, param.get_device()))
+        self._steady_plan = None
         return grown
 
     @property
@@ -127,6 +136,7 @@ class AccumulationState:
         receive the sums of squares of the new buffer values and of the gradients.
         ``private`` holds the ids of the parameters whose gradient here is referenced
         nowhere else: such a gradient may be adopted as the buffer (see the class)."""
+        self._steady_plan = None  # buffers may be adopted here
         calls: dict[tuple, tuple[list, list]] = {}
         holds_sum, slots, adopted = self.holds_sum, self.slots, self.adopted
         may_adopt = self.adoption and weight == 1.0 and found_inf is None and sum_sq is None
@@ -172,10 +182,54 @@ class AccumulationState:
         holds_sum.update(first_sums)
         adopted.update(newly_adopted)
 
+    @property
+    def steady(self) -> bool:
+        """Whether every parameter holds a sum in this window: a micro-step that brings
+        a gradient for each then adds them all, as ``fold_every`` does."""
+        return len(self.holds_sum) == len(self.slots) and not self.overflowed
+
+    def fold_every(
+        self,
+        grads: list[torch.Tensor],
+        weight: float,
+        found_inf: torch.Tensor | None = None,
+        grad_sum_sq: dict[torch.device, torch.Tensor] | None = None,
+    ) -> None:
+        """``fold`` for the steady state: ``grads`` holds one gradient for every
+        parameter, in the order of ``ordered``, and every parameter holds a sum (see
+        ``steady``). One backend call per group, on buffer lists made once per window."""
+        if self._steady_plan is None:
+            self._steady_plan = self._make_steady_plan()
+        for backend, device, positions, buffers in self._steady_plan:
+            group_grads = grads if positions is None else [grads[i] for i in positions]
+            backend.accumulate(
+                buffers,
+                group_grads,
+                scale=weight,
+                overwrite=False,
+                found_inf=found_inf,
+                grad_sum_sq=None if grad_sum_sq is None else grad_sum_sq[device],
+            )
+
+    def _make_steady_plan(self) -> list[tuple[Backend, torch.device, list[int] | None, list]]:
+        """Per group: its backend, device, the positions of its parameters in
+        ``ordered`` (None: all of them, in order) and their buffers."""
+        positions: dict[FlatGroup, list[int]] = defaultdict(list)
+        for position, param in enumerate(self.ordered):
+            positions[self.slots[id(param)][0]].append(position)
+        plan = []
+        for group, members in positions.items():
+            buffers = [self.buffer_view(self.ordered[i]) for i in members]
+            whole = len(positions) == 1
+            key = (group.device, group.param_dtype)
+            plan.append((self.backends[key], group.device, None if whole else members, buffers))
+        return plan
+
     def end_window(self) -> None:
         """Forget the window: its sums are dead once applied or discarded."""
         self.holds_sum.clear()
         self.adopted.clear()  # the adopted gradients are freed, as zero_grad() frees .grad
+        self._steady_plan = None
         self.overflowed = False
         self.window_micro_steps = 0
         self.window_weight = 0.0

@@ -77,6 +77,25 @@ class GradientIntake:
         if problem is not None:
             raise RuntimeError(f"{self._describe(param)} {problem}; {consequence}")
 
+    def _every_grad(self) -> list[torch.Tensor] | None:
+        """The steady state's intake: every parameter's ``.grad``, in the order of
+        ``_accumulation.ordered``, when each is there and fits what its slot was made
+        for (dense, its dtype, shape and device), not released; else None, and the
+        general path checks them one by one and says what is wrong."""
+        accumulation = self._accumulation
+        grads = [param.grad for param in accumulation.ordered]
+        strided = torch.strided
+        for grad, (shape, dtype, device) in zip(grads, accumulation.grad_specs, strict=True):
+            if (
+                grad is None
+                or grad.dtype is not dtype
+                or grad.shape != shape
+                or grad.layout is not strided
+                or grad.get_device() != device
+            ):
+                return None
+        return grads
+
     def _take_grads(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], set[int]]:
         """Every present .grad, checked first and only then released (set to None),
         and the ids of the parameters whose gradient is now referenced nowhere else."""

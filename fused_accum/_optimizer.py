@@ -234,15 +234,28 @@ class FusedAccumOptimizer(
         self._refuse_if_incomplete()
         weight = self._pending_weight if weight is None else check_weight(weight)
         inverse_loss_scale, overflow = self._grad_scaler_inputs()
-        pairs, private = self._take_grads()
         accumulation = self._accumulation
-        accumulation.overflowed |= overflow
-        if accumulation.overflowed:
-            pairs = []  # a window with a non-finite gradient is skipped whole
         factor = weight * inverse_loss_scale
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         grad_squares = self._micro_step_squares(inverse_loss_scale)
-        if not boundary:
+        # the steady state: every parameter brings a gradient and already holds a sum,
+        # so the gradients are checked and folded as one list, with no adoption to test
+        every_grad = self._every_grad() if accumulation.steady and not overflow else None
+        if every_grad is not None and not boundary:
+            accumulation.fold_every(every_grad, factor, self._found_inf(), grad_squares)
+            for param in accumulation.ordered:
+                param.grad = None
+            pairs = []
+        elif every_grad is not None:
+            pairs = list(zip(accumulation.ordered, every_grad, strict=True))
+            for param in accumulation.ordered:
+                param.grad = None
+        else:
+            pairs, private = self._take_grads()
+        accumulation.overflowed |= overflow
+        if accumulation.overflowed:
+            pairs = []  # a window with a non-finite gradient is skipped whole
+        if every_grad is None and not boundary:
             try:
                 accumulation.fold(
                     pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
@@ -251,8 +264,8 @@ class FusedAccumOptimizer(
                 for param, grad in pairs:
                     param.grad = grad  # not folded: the gradients stay where they were
                 raise
-            if self._grad_stats is not None:
-                self._grad_stats.close_micro_step()
+        if not boundary and self._grad_stats is not None:
+            self._grad_stats.close_micro_step()
         # the micro-batch is taken: its weight and its folds in backward are counted now
         self._pending_weight = 1.0
         self._folded_since_step = False

@@ -108,6 +108,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
         self._step_history: dict[int, Hashable] = {}
+        self._host_steps: dict[int, int] = {}  # id(param): its step count, as the host knows it
         if capturable:
             raise ValueError(
                 f"{type(self).__name__} does not support capturable=True yet; its steps "
@@ -161,12 +162,21 @@ class FusedAccumAdam(FusedAccumOptimizer):
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
             state["max_exp_avg_sq"] = self._new_state_view(param, "max_exp_avg_sq")
         if self._loss_scale is None:
-            return int(state["step"].item())
+            return self._host_step(param, state)
         return self._device_step_key(param, state)
+
+    def _host_step(self, param: torch.Tensor, state: dict[str, Any]) -> int:
+        """``param``'s step count, from the host's copy of it: the state's tensor is
+        read once (new or loaded state), not at every update."""
+        step = self._host_steps.get(id(param))
+        if step is None:
+            step = self._host_steps[id(param)] = int(state["step"].item())
+        return step
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._step_history.clear()  # the loaded step counts are read at the next update
+        self._host_steps.clear()
 
     def _device_step_key(self, param: torch.Tensor, state: dict[str, Any]) -> Hashable:
         """With loss scaling a window may be skipped on the device, so the step count
@@ -231,8 +241,10 @@ class FusedAccumAdam(FusedAccumOptimizer):
             for param in batch.params:
                 self._step_history[id(param)] = hash((state_key, self.update_count))
         else:
-            for state in states:
-                state["step"] += 1
+            # one call for the batch's counts, which the host keeps too
+            torch._foreach_add_([state["step"] for state in states], 1.0)
+            for param in batch.params:
+                self._host_steps[id(param)] = step
 
 
 class FusedAccumAdamW(FusedAccumAdam):

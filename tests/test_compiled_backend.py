@@ -151,7 +151,7 @@ def test_contract_violations_raise_clear_errors(device):
         torch.ops.fused_accum.accumulate(
             [buffer], [torch.ones(4, device=device, dtype=torch.int32)], 1.0, False, None
         )
-    with pytest.raises(RuntimeError, match=r"grads\[0\] has strides \[1, 2\] but its accumulation"):
+    with pytest.raises(ValueError, match=r"grads\[0\] has strides \[1, 2\] but its accumulation"):
         torch.ops.fused_accum.accumulate(
             [torch.zeros(2, 2, device=device)],
             [torch.ones(2, 2, device=device).t()],

@@ -105,8 +105,8 @@ def test_the_harness_sees_a_blocking_upload_and_a_host_read(monkeypatch):
         optimizer.step()
     # (attributed to the optimizer's frame that called the patched method)
     assert traffic.unexplained() == {
-        ("build", "_optimizer._apply_window"): 1,
-        ("read", "_optimizer._apply_window"): 1,
+        ("build", "_update._apply_window"): 1,
+        ("read", "_update._apply_window"): 1,
     }
 
 

@@ -83,17 +83,30 @@ class CompiledBackend:
         sum_sq: torch.Tensor | None = None,
         grad_sum_sq: torch.Tensor | None = None,
     ) -> None:
-        grads = [like_buffer(g, b) for g, b in zip(grads, buffers, strict=True)]
-        self._ops.accumulate(
-            buffers, grads, float(scale), overwrite, found_inf, sum_sq, grad_sum_sq
-        )
+        args = (float(scale), overwrite, found_inf, sum_sq, grad_sum_sq)
+        try:
+            self._ops.accumulate(buffers, grads, *args)
+        except ValueError:
+            # a gradient in another layout than its buffer's (the ops check layouts
+            # first, before writing anything, and say so with a ValueError): again on
+            # copies in the buffer's layout
+            grads = [like_buffer(g, b) for g, b in zip(grads, buffers, strict=True)]
+            self._ops.accumulate(buffers, grads, *args)
 
-    def _operands(self, batch: StepBatch):
+    def _step(self, op, batch: StepBatch, *args) -> None:
+        """``op(params, buffers, grads, *args)``; as accumulate, on copies in the buffers'
+        layout (written back after) when a parameter or gradient has another."""
+        try:
+            op(batch.params, batch.buffers, batch.grads, *args)
+            return
+        except ValueError:
+            pass
         params = [like_buffer(p, b) for p, b in zip(batch.params, batch.buffers, strict=True)]
         grads = None
         if batch.grads is not None:
             grads = [like_buffer(g, b) for g, b in zip(batch.grads, batch.buffers, strict=True)]
-        return params, grads
+        op(params, batch.buffers, grads, *args)
+        write_back(batch.params, params)
 
     def sgd_step(
         self,
@@ -108,15 +121,13 @@ class CompiledBackend:
         maximize: bool,
         init_momentum: bool,
     ) -> None:
-        params, grads = self._operands(batch)
-        self._ops.sgd_step(
-            params, batch.buffers, grads, momentum_buffers or [], batch.masters or [],
+        self._step(
+            self._ops.sgd_step, batch, momentum_buffers or [], batch.masters or [],
             batch.use_buffer,
             float(batch.normaliser), float(batch.grad_weight), float(lr), float(momentum),
             float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
             _seed(batch), batch.device_scalars, batch.grad_stats,
         )  # fmt: skip
-        write_back(batch.params, params)
 
     def adam_step(
         self,
@@ -135,13 +146,11 @@ class CompiledBackend:
         amsgrad: bool,
         maximize: bool,
     ) -> None:
-        params, grads = self._operands(batch)
-        self._ops.adam_step(
-            params, batch.buffers, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
+        self._step(
+            self._ops.adam_step, batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
             batch.masters or [], batch.use_buffer, float(batch.normaliser),
             float(batch.grad_weight), int(step), float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay),
             decoupled_weight_decay, amsgrad, maximize, _seed(batch), batch.device_scalars,
             batch.grad_stats,
         )  # fmt: skip
-        write_back(batch.params, params)
