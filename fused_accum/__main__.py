@@ -56,7 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.shapes:
         settings.shape_lists = args.shapes
     if args.repeats:
-        settings.repeats = args.repeats
+        settings.repeats = settings.window_repeats = args.repeats
     args.out.mkdir(parents=True, exist_ok=True)
     parts = ["sweep", "window"] if args.only is None else [args.only]
     jobs = (len(settings.sizes) * len(suite.SWEEP_OPS) if "sweep" in parts else 0) + (
@@ -78,9 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"no {part}.png: {error}", file=sys.stderr)
         if part == "window":
             for row in rows:
-                print(f"{row['shapes']:10} {row['dtype']} {row['provider']:24} "
-                      f"{row['median_s'] * 1e3:9.2f} ms  {row['speedup_vs_baseline']:5.2f}x "
-                      f"vs {row['baseline']}")  # fmt: skip
+                print("\n".join(suite.window_lines(row)))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
