@@ -88,3 +88,19 @@ def test_bench_prints_the_spread_of_every_window_row(tmp_path, capsys):
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny ")]
     assert lines and all("(p20-p80 " in line for line in lines)
+
+
+def test_bench_host_part_writes_its_rows(tmp_path, capsys, monkeypatch):
+    from fused_accum.bench import host
+
+    monkeypatch.setattr(host, "OPTIONS", {"plain": {}})
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--only", "host", "--device", "cpu", "--out", str(out),
+            "--no-progress", "--repeats", "2"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with (out / "host.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["option"] for row in rows} == {"plain"}
+    assert {row["windows"] for row in rows} == {"2"}
+    assert len([line for line in printed.splitlines() if line.startswith("| 100 |")]) == len(rows)
