@@ -76,8 +76,10 @@ def summarize(seconds: list[float]) -> dict:
 
 # A row whose 80% quantile exceeds its 20% quantile by more than this is flagged: the
 # repeats of one measurement usually stay within 10-20% of each other, even on a busy
-# 2-core machine, so a wider spread means the machine's load changed while it ran and
-# the median may be far off (a CPU fused AdamW step swung from 20 ms to 0.07 ms so).
+# 2-core machine, so a wider spread means that something else took part in some
+# repeats, and the median may be far off: the machine's load changed (a CPU fused
+# AdamW step swung from 20 ms to 0.07 ms so), or Python's garbage collector ran (a
+# full collection with 10000 parameters alive takes a window's time).
 WIDE_SPREAD = 1.5
 
 
@@ -88,8 +90,8 @@ def spread_warning(what: str, timing: dict, limit: float = WIDE_SPREAD) -> str |
         return None
     return (
         f"warning: {what}: p80/p20 = {timing['p80_s'] / timing['p20_s']:.2f} > {limit:g}, "
-        f"too spread to trust (the machine's load changed while it ran); rerun with more "
-        f"repeats, on a quiet machine"
+        f"too spread to trust (the machine's load changed, or a garbage collection ran, "
+        f"in some repeats); rerun with more repeats, on a quiet machine"
     )
 
 
