@@ -1,7 +1,8 @@
 """Command line of fused_accum.
 
 python -m fused_accum demo     train a small model with accumulation
-python -m fused_accum bench    kernel and window benchmarks, CSV and PNG
+python -m fused_accum bench    kernel and window benchmarks, CSV and PNG (--only host:
+                               the optimizers' host overhead)
 python -m fused_accum info     which backends run here, and why others do not
 """
 
@@ -49,22 +50,37 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import suite
+    from .bench import host, suite
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = suite.Settings.for_device(device, quick=args.quick)
+    host_settings = host.HostSettings.for_device(device, quick=args.quick)
     if args.shapes:
         settings.shape_lists = args.shapes
     if args.repeats:
-        settings.repeats = args.repeats
+        settings.repeats = settings.window_repeats = host_settings.windows = args.repeats
     args.out.mkdir(parents=True, exist_ok=True)
+    # host runs only when asked for: its 60 cases took 3.6 minutes on a 2-core CPU,
+    # and the host overhead on tiny tensors is a question apart from the bandwidth
+    # that the sweep and the windows measure
     parts = ["sweep", "window"] if args.only is None else [args.only]
-    jobs = (len(settings.sizes) * len(suite.SWEEP_OPS) if "sweep" in parts else 0) + (
-        suite.count_window_jobs(settings) if "window" in parts else 0
+    jobs = (
+        (len(settings.sizes) * len(suite.SWEEP_OPS) if "sweep" in parts else 0)
+        + (suite.count_window_jobs(settings) if "window" in parts else 0)
+        + (len(host_settings.cases()) if "host" in parts else 0)
     )
     progress = suite.Progress(jobs, enabled=not args.no_progress)
     written = []
     for part in parts:
+        if part == "host":
+            if device == "cpu":
+                print(host.TRITON_ON_CPU)
+            rows = host.judge_targets(list(host.rows(host_settings, progress)))
+            written.append(_write_csv(rows, args.out / "host.csv"))
+            print(host.format_table(rows))
+            for warning in host.spread_warnings(rows):
+                print(warning)
+            continue
         runner = suite.sweep if part == "sweep" else suite.windows
         rows = list(runner(settings, progress))
         written.append(_write_csv(rows, args.out / f"{part}.csv"))
@@ -78,9 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"no {part}.png: {error}", file=sys.stderr)
         if part == "window":
             for row in rows:
-                print(f"{row['shapes']:10} {row['dtype']} {row['provider']:24} "
-                      f"{row['median_s'] * 1e3:9.2f} ms  {row['speedup_vs_baseline']:5.2f}x "
-                      f"vs {row['baseline']}")  # fmt: skip
+                print("\n".join(suite.window_lines(row)))
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
@@ -139,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     bench.add_argument("--out", type=Path, default=Path("bench_results"), help="output folder")
-    bench.add_argument("--only", choices=["sweep", "window"], help="run one part only")
+    bench.add_argument("--only", choices=["sweep", "window", "host"],
+                       help="run one part only; host (the optimizers' host overhead on "
+                       "many tiny tensors) runs only when asked for")  # fmt: skip
     bench.add_argument("--shapes", nargs="+", choices=["tiny", "gpt2-124m", "llama-1b"],
                        help="shape lists of the window benchmark")  # fmt: skip
-    bench.add_argument("--repeats", type=int, help="timed runs per measurement")
+    bench.add_argument("--repeats", type=int,
+                       help="timed runs per measurement (windows per case for host)")  # fmt: skip
     bench.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     bench.add_argument("--no-plots", action="store_true", help="CSV only")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")

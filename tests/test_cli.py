@@ -8,6 +8,8 @@ import struct
 import pytest
 
 from fused_accum.__main__ import main
+from fused_accum.bench.suite import window_lines
+from fused_accum.bench.timing import WIDE_SPREAD, spread_warning
 
 
 def _png_size(path):
@@ -54,3 +56,51 @@ def test_bench_writes_csv_and_plots(tmp_path, capsys):
     for name in ("sweep.png", "window.png"):
         width, height = _png_size(out / name)
         assert width > 400 and height > 200
+
+
+def _timing(p20: float, median: float, p80: float) -> dict:
+    return {"p20_s": p20, "median_s": median, "p80_s": p80, "repeats": 30}
+
+
+def test_a_spread_too_wide_to_trust_is_warned_of():
+    assert spread_warning("row", _timing(1.0, 1.1, WIDE_SPREAD)) is None
+    warning = spread_warning("tiny fp32 classic fused", _timing(0.07e-3, 20e-3, 23e-3))
+    assert warning.startswith("warning: tiny fp32 classic fused: p80/p20 = 328.57 > 1.5")
+    assert spread_warning("row", _timing(1.0, 1.1, 1.2), limit=1.1) is not None
+
+
+def test_window_lines_show_the_spread_and_warn_when_it_is_too_wide():
+    row = {"shapes": "tiny", "dtype": "fp32", "provider": "classic fused",
+           "baseline": "classic fused", "speedup_vs_baseline": 1.0,
+           **_timing(1e-3, 1.1e-3, 1.2e-3)}  # fmt: skip
+    (line,) = window_lines(row)
+    assert "1.10 ms (p20-p80 1.00-1.20)" in line and line.endswith("1.00x vs classic fused")
+    wide = {**row, **_timing(0.07e-3, 20e-3, 23e-3)}
+    line, warning = window_lines(wide)
+    assert "20.00 ms (p20-p80 0.07-23.00)" in line
+    assert warning.startswith("warning: tiny fp32 classic fused: p80/p20")
+
+
+def test_bench_prints_the_spread_of_every_window_row(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--only", "window", "--device", "cpu", "--out", str(out),
+            "--no-progress", "--no-plots", "--repeats", "5"]  # fmt: skip
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny ")]
+    assert lines and all("(p20-p80 " in line for line in lines)
+
+
+def test_bench_host_part_writes_its_rows(tmp_path, capsys, monkeypatch):
+    from fused_accum.bench import host
+
+    monkeypatch.setattr(host, "OPTIONS", {"plain": {}})
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--only", "host", "--device", "cpu", "--out", str(out),
+            "--no-progress", "--repeats", "2"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with (out / "host.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["option"] for row in rows} == {"plain"}
+    assert {row["windows"] for row in rows} == {"2"}
+    assert len([line for line in printed.splitlines() if line.startswith("| 100 |")]) == len(rows)

@@ -28,7 +28,7 @@ from ..backends import BACKEND_NAMES, resolve_backend
 from . import byte_model
 from .gradients import WindowGradients
 from .shapes import SHAPE_LISTS
-from .timing import environment, measure, measure_cuda
+from .timing import environment, measure, measure_cuda, spread_warning
 
 LR = 1e-4
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -41,15 +41,21 @@ class Settings:
     shape_lists: list[str]
     steps: int = 8
     repeats: int = 10
+    window_repeats: int | None = None  # None: ``repeats``
     param_dtypes: list[torch.dtype] = field(default_factory=lambda: [torch.bfloat16, torch.float32])
 
     @classmethod
     def for_device(cls, device: str, quick: bool = False) -> Settings:
-        """Quick: tiny sizes and the small shape list (seconds; for tests). Else the
-        full run: sizes up to 64M elements on CUDA, 16M on CPU; GPT-2-124M, and on
-        CUDA also the 1B Llama-like list."""
+        """Quick: tiny sizes and the small shape list (seconds; for tests), with 30
+        repeats of a window, as a sub-millisecond window's time swings with the
+        machine's load (with 3, one row read 272x in one run and 0.36x in the next on
+        a busy 2-core machine). Else the full run: sizes up to 64M elements on CUDA,
+        16M on CPU; GPT-2-124M, and on CUDA also the 1B Llama-like list."""
         if quick:
-            return cls(device, sizes=[2**10, 2**13], shape_lists=["tiny"], steps=3, repeats=3)
+            return cls(
+                device, sizes=[2**10, 2**13], shape_lists=["tiny"], steps=3, repeats=3,
+                window_repeats=30,
+            )  # fmt: skip
         if device == "cuda":
             return cls(device, [2**k for k in range(12, 27, 2)], ["gpt2-124m", "llama-1b"])
         return cls(device, [2**k for k in range(12, 25, 2)], ["gpt2-124m"], repeats=5)
@@ -320,7 +326,8 @@ def windows(settings: Settings, progress: Progress | None = None) -> Iterator[di
             for provider, build in providers.items():
                 setup, window = build(shapes)
                 # wall time: do_bench cannot run the untimed setup between calls
-                timing = measure(window, settings.repeats, device=settings.device, setup=setup)
+                repeats = settings.window_repeats or settings.repeats
+                timing = measure(window, repeats, device=settings.device, setup=setup)
                 reference_s = reference_s or timing["median_s"]
                 moved = _fused_window_bytes(provider, dtype, settings)
                 yield {
@@ -345,6 +352,21 @@ def _fused_window_bytes(provider: str, dtype: torch.dtype, settings: Settings) -
     if not provider.startswith("fused_accum["):
         return None
     return byte_model.window_bytes("adamw", dtype, settings.steps, adopt_first=True)
+
+
+def window_lines(row: dict) -> list[str]:
+    """The printed line of a window row, its median with p20-p80, and a warning line
+    after it when its spread is too wide to trust (see ``timing.spread_warning``)."""
+    ms = {key: row[f"{key}_s"] * 1e3 for key in ("median", "p20", "p80")}
+    lines = [
+        f"{row['shapes']:10} {row['dtype']} {row['provider']:24} {ms['median']:9.2f} ms "
+        f"(p20-p80 {ms['p20']:.2f}-{ms['p80']:.2f})  {row['speedup_vs_baseline']:6.2f}x "
+        f"vs {row['baseline']}"
+    ]
+    warning = spread_warning(f"{row['shapes']} {row['dtype']} {row['provider']}", row)
+    if warning is not None:
+        lines.append(warning)
+    return lines
 
 
 def count_window_jobs(settings: Settings) -> int:

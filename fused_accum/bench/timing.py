@@ -27,7 +27,7 @@ def measure(
             setup()
         run()
     seconds = [_seconds(run, device, setup) for _ in range(repeats)]
-    return _summary(seconds)
+    return summarize(seconds)
 
 
 def measure_interleaved(
@@ -44,7 +44,7 @@ def measure_interleaved(
     for _ in range(repeats):
         for name, (setup, run) in runs.items():
             seconds[name].append(_seconds(run, "cpu", setup))
-    return {name: _summary(values) for name, values in seconds.items()}
+    return {name: summarize(values) for name, values in seconds.items()}
 
 
 def _seconds(run: Callable[[], None], device: str, setup: Callable[[], None] | None) -> float:
@@ -59,7 +59,8 @@ def _seconds(run: Callable[[], None], device: str, setup: Callable[[], None] | N
     return time.perf_counter() - start
 
 
-def _summary(seconds: list[float]) -> dict:
+def summarize(seconds: list[float]) -> dict:
+    """Median, 20% and 80% quantiles (seconds) and the count of ``seconds``."""
     quantiles = (
         statistics.quantiles(seconds, n=10, method="inclusive")
         if len(seconds) > 1
@@ -71,6 +72,27 @@ def _summary(seconds: list[float]) -> dict:
         "p80_s": quantiles[7],
         "repeats": len(seconds),
     }
+
+
+# A row whose 80% quantile exceeds its 20% quantile by more than this is flagged: the
+# repeats of one measurement usually stay within 10-20% of each other, even on a busy
+# 2-core machine, so a wider spread means that something else took part in some
+# repeats, and the median may be far off: the machine's load changed (a CPU fused
+# AdamW step swung from 20 ms to 0.07 ms so), or Python's garbage collector ran (a
+# full collection with 10000 parameters alive takes a window's time).
+WIDE_SPREAD = 1.5
+
+
+def spread_warning(what: str, timing: dict, limit: float = WIDE_SPREAD) -> str | None:
+    """A warning line naming ``what`` when ``timing`` (from ``summarize``) is too
+    spread to trust, p80 / p20 > ``limit``; else None."""
+    if timing["p80_s"] <= limit * timing["p20_s"]:
+        return None
+    return (
+        f"warning: {what}: p80/p20 = {timing['p80_s'] / timing['p20_s']:.2f} > {limit:g}, "
+        f"too spread to trust (the machine's load changed, or a garbage collection ran, "
+        f"in some repeats); rerun with more repeats, on a quiet machine"
+    )
 
 
 def measure_cuda(run: Callable[[], None], repeats: int, graph: bool = False) -> dict:
