@@ -10,7 +10,7 @@ from collections.abc import Container
 import torch
 
 from ._storage import FlatGroup
-from ._sums import sum_in_fixed_order
+from ._sums import SERIAL_BELOW, sum_in_fixed_order
 from .backends import Backend, resolve_backend
 
 
@@ -173,8 +173,9 @@ class AccumulationState:
             )
         for device, grads in squared.items():
             # adopted, so read by no kernel: their squares from a read-only pass, in a
-            # fixed order on CPU (a GPU's foreach norm reduces in a fixed order itself)
-            if device.type == "cpu":
+            # fixed order (a GPU's foreach norm, or a CPU's on small tensors, reduces
+            # in a fixed order itself)
+            if device.type == "cpu" and any(g.numel() >= SERIAL_BELOW for g in grads):
                 squares = torch.stack([sum_in_fixed_order(g.double().square()) for g in grads])
             else:
                 squares = torch.stack(torch._foreach_norm(grads)).double().square()

@@ -21,13 +21,14 @@ _REDO_WINDOW = (
 
 
 class GradientIntake:
-    """Needs ``_accumulation``, ``_hooks``, ``_pending_weight``,
+    """Needs ``_accumulation``, ``_hooks``, ``_hooked_ids``, ``_pending_weight``,
     ``_folded_since_step``, ``_incomplete_micro_batch``, ``_all_params``,
     ``_describe``, ``_found_inf``, ``_micro_step_squares`` and
     ``_refuse_if_incomplete`` from the optimizer."""
 
     _accumulation: AccumulationState
     _hooks: dict[torch.Tensor, Any]
+    _hooked_ids: set[int]
     _pending_weight: float
     _folded_since_step: bool
     _incomplete_micro_batch: bool
@@ -151,6 +152,9 @@ class GradientIntake:
                 raise
             optimizer._folded_since_step = True
 
+        hooked = self._hooked_ids
         for param in params:
-            if param.requires_grad and param not in self._hooks:
+            # by id: hashing a tensor runs Python code, and every step() looks here
+            if param.requires_grad and id(param) not in hooked:
                 self._hooks[param] = param.register_post_accumulate_grad_hook(fold_in_backward)
+                hooked.add(id(param))

@@ -84,6 +84,7 @@ class FusedAccumOptimizer(
         )
         self._accumulation = AccumulationState(backend)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
+        self._hooked_ids: set[int] = set()
         self._pending_weight = 1.0
         self._folded_since_step = False
         # a fold in backward failed after others of its micro-batch had run
@@ -270,7 +271,7 @@ class FusedAccumOptimizer(
         self._pending_weight = 1.0
         self._folded_since_step = False
         if self.accumulate_in_backward:  # parameters unfrozen since: fold them in backward
-            self._register_hooks(self._all_params())
+            self._register_hooks(self._accumulation.ordered)
         accumulation.micro_step_count += 1
         accumulation.window_micro_steps += 1
         accumulation.window_weight += weight

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 _ROW = 4096  # elements summed by one thread: below ATen's grain for splitting a reduction
+# ATen's grain: a CPU reduction of fewer elements runs on one thread, in a fixed order
+SERIAL_BELOW = 32768
 
 
 def sum_in_fixed_order(values: torch.Tensor) -> torch.Tensor:
