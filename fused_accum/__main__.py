@@ -29,8 +29,9 @@ def _demo(args: argparse.Namespace) -> int:
             print("no plots: matplotlib is not installed (pip install matplotlib)")
         plots = None
     results = run_demo(
-        args.windows, args.accumulation_steps, seed=args.seed, device=device, plots=plots
-    )
+        args.windows, args.accumulation_steps, seed=args.seed, device=device, plots=plots,
+        threads=args.threads or None,
+    )  # fmt: skip
     print(format_demo(results, args.windows, args.accumulation_steps, device))
     if plots is not None:
         print(f"gradient flow of the fused_accum run: {plots / 'grad_flow.png'}, "
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--windows", type=int, default=300, help="updates to train (300)")
     demo.add_argument("--accumulation-steps", type=int, default=4, help="micro-batches per update")
+    demo.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads (1: the demo's small tensors gain nothing from more; 0: torch's)",
+    )  # fmt: skip
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--plots", type=Path, default=Path("demo_results"),

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from ._accumulation import AccumulationState
 from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
@@ -207,7 +208,6 @@ class FusedAccumOptimizer(
                 f"run: {_REDO_WINDOW}"
             )
 
-    @torch.no_grad()
     def step(
         self,
         closure: Callable[[], Any] | None = None,
@@ -221,7 +221,30 @@ class FusedAccumOptimizer(
 
         A window's first gradient of an fp32 parameter that nothing else references
         (as backward makes it) is not copied but kept as the parameter's buffer until
-        the window ends, as autograd keeps the first gradient as ``.grad``."""
+        the window ends, as autograd keeps the first gradient as ``.grad``.
+
+        Step hooks (``register_step_pre_hook``, ``register_step_post_hook``) run around
+        every micro-step, as torch.optim runs them around its step."""
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks
+            or _global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
+            return self._traced_micro_step(closure, weight=weight)
+        return self._micro_step(closure, weight=weight)
+
+    def _patch_step_function(self) -> None:
+        """torch.optim wraps ``step`` in its step hooks and a profiler range, about 7 us
+        a call, which a micro-step on every batch pays: here step() goes through that
+        wrapper (``_traced_micro_step``) only when there are hooks or a profiler."""
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+    @torch.no_grad()
+    def _micro_step(
+        self, closure: Callable[[], Any] | None, *, weight: float | torch.Tensor | None
+    ) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -285,6 +308,9 @@ class FusedAccumOptimizer(
                 self._grad_stats.discard()
         accumulation.last_step_applied = applied
         return loss
+
+    # torch.optim's wrapper of step(): hooks and the profiler's range around a micro-step
+    _traced_micro_step = Optimizer.profile_hook_step(_micro_step)
 
     # torch.amp.GradScaler.step() then hands us the loss scale and its inf check as the
     # attributes grad_scale and found_inf, and leaves skipping to us.

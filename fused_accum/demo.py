@@ -5,6 +5,7 @@ fused_accum's weighted accumulation gives the large-batch result, while the plai
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,26 +60,36 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     plots: str | Path | None = None,
+    threads: int | None = 1,
+    rounds: int = 3,
 ) -> list[DemoRun]:
-    """Train the same model from the same start three ways; return one DemoRun each.
-    With ``plots`` (a folder), the fused_accum run tracks its gradient statistics and
+    """Train the same model from the same start three ways; return one DemoRun each,
+    with the median time of ``rounds`` trainings, the three taking turns. On CPU the
+    demo runs on ``threads`` threads (None: torch's setting), by default one: its
+    tensors are small, so more threads only wait for each other, and on a busy machine
+    for a core that is not free (one thread was 9x faster there). With ``plots`` (a
+    folder), a further fused_accum run, untimed, tracks its gradient statistics and
     draws them there: ``grad_flow.png`` (per layer) and ``grad_norms.png`` (per update)."""
     device = torch.device(device)
     data = _data(windows, accumulation_steps, seed, device)
-    runs = []
+    before = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _run(data, accumulation_steps, lr, seed, device, plots, rounds)
+    finally:
+        torch.set_num_threads(before)
 
-    def timed(name, train):
+
+def _run(data, accumulation_steps, lr, seed, device, plots, rounds) -> list[DemoRun]:
+    def trained(train):
+        """(seconds, model) of one training from the seed's start."""
         model = _model(seed, device)
         start = time.perf_counter()
         train(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        x = torch.cat([x for window in data for x, _ in window])
-        y = torch.cat([y for window in data for _, y in window])
-        with torch.no_grad():
-            loss = _loss(model, x, y).item()
-        runs.append((name, seconds, loss, model))
+        return time.perf_counter() - start, model
 
     def large_batch(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -108,10 +119,26 @@ def run_demo(
             optimizer.step()
             optimizer.zero_grad()
 
-    large_batch(_model(seed, device))  # warm-up: first calls pay for lazy initialisation
-    timed("large batch, torch.optim.AdamW", large_batch)
-    timed("fused_accum, weighted micro-batches", fused)
-    timed("plain loop, loss / N", plain)
+    trainings = {
+        "large batch, torch.optim.AdamW": large_batch,
+        "fused_accum, weighted micro-batches": fused,
+        "plain loop, loss / N": plain,
+    }
+    for train in trainings.values():  # warm-up: first calls pay for lazy initialisation
+        train(_model(seed, device))
+    seconds: dict[str, list[float]] = {name: [] for name in trainings}
+    models = {}
+    for _ in range(rounds):
+        for name, train in trainings.items():
+            elapsed, models[name] = trained(train)
+            seconds[name].append(elapsed)
+    x = torch.cat([x for window in data for x, _ in window])
+    y = torch.cat([y for window in data for _, y in window])
+    runs = []
+    for name, model in models.items():
+        with torch.no_grad():
+            loss = _loss(model, x, y).item()
+        runs.append((name, statistics.median(seconds[name]), loss, model))
     if plots is not None:  # a run of its own, so that the timings above are plain
         tracked = fused(_model(seed, device), track_grad_stats=True)
         folder = Path(plots)
