@@ -122,6 +122,12 @@ class FusedAccumOptimizer(
     # ------------------------------------------------------------------ the window
 
     @property
+    def backends(self) -> dict[tuple[torch.device, torch.dtype], str]:
+        """The backend each (device, dtype) group of parameters runs on, as ``backend``
+        (what was asked for, ``"auto"`` by default) resolved for it."""
+        return {key: backend.name for key, backend in self._accumulation.backends.items()}
+
+    @property
     def accumulation_steps(self) -> int:
         """Micro-steps per update; may be changed between micro-steps."""
         return self._accumulation_steps

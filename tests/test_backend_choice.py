@@ -88,3 +88,19 @@ def test_block_tables_address_past_two_to_the_31(monkeypatch):
     assert layout.block_start[-2].item() == (-(-big // BLOCK) - 1) * BLOCK >= 2**31
     assert layout.block_tensor[-1].item() == 1 and layout.block_start[-1].item() == 0
     assert layout.flat_offsets[-1].item() == big + 11
+
+
+def test_the_optimizer_says_what_each_group_runs_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2).double())]
+    optimizer = FusedAccumSGD(params, lr=0.1)
+    assert optimizer.backend == "auto"
+    compiled_cpu = "cpu" if compiled.unavailable_reason(CPU) is None else "torch"
+    assert optimizer.backends == {
+        (CPU, torch.float32): compiled_cpu,
+        (CPU, torch.float64): compiled_cpu,
+    }
+    assert FusedAccumSGD(params, lr=0.1, backend="torch").backends == {
+        (CPU, torch.float32): "torch",
+        (CPU, torch.float64): "torch",
+    }
