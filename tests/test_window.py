@@ -426,3 +426,32 @@ def test_step_with_a_closure_returns_its_loss_and_counts_one_micro_step():
     assert all(p.grad is None for p in model.parameters())
     optimizer.step(closure)
     assert optimizer.last_step_applied
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_interleaved_dtypes_and_groups_in_the_steady_state(backend):
+    """After a window's first micro-step every parameter holds a sum, and the later
+    micro-steps fold all gradients as one list split by (device, dtype) group: fp32 and
+    bf16 parameters interleaved over two param groups must each get their own gradients.
+    Expected: the reference backend with one more parameter that never has a gradient,
+    which keeps it on the path that takes gradients one by one."""
+    from fused_accum.backends import compiled
+
+    if backend == "cpu" and compiled.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("the compiled CPU kernels are not built")
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.float32]
+    initial = [torch.randn(3, dtype=dtype) for dtype in dtypes]
+    runs = []
+    for name, extra in ((backend, []), ("torch", [torch.nn.Parameter(torch.ones(2))])):
+        params = [torch.nn.Parameter(p.clone()) for p in initial]
+        groups = [{"params": params[:3] + extra}, {"params": params[3:], "lr": 0.05}]
+        optimizer = FusedAccumAdamW(groups, lr=0.1, accumulation_steps=4, backend=name)
+        generator = torch.Generator().manual_seed(1)
+        for micro_step in range(8):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator).to(param.dtype)
+            optimizer.step(weight=1.0 + micro_step)
+        runs.append(params)
+    for ours, expected in zip(*runs, strict=True):
+        tolerance = 1e-6 if ours.dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(ours, expected, atol=tolerance, rtol=tolerance)
