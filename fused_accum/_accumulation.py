@@ -189,6 +189,15 @@ class AccumulationState:
         a gradient for each then adds them all, as ``fold_every`` does."""
         return len(self.holds_sum) == len(self.slots) and not self.overflowed
 
+    @property
+    def backend_checks(self) -> bool:
+        """Whether ``fold_every`` may be given unchecked gradients: one group, whose
+        backend checks every operand (dtype, shape, layout, device) before it writes
+        anything, so a bad gradient raises with nothing folded."""
+        return len(self.groups) == 1 and getattr(
+            next(iter(self.backends.values())), "checks_operands", False
+        )
+
     def fold_every(
         self,
         grads: list[torch.Tensor],

@@ -78,13 +78,17 @@ class GradientIntake:
         if problem is not None:
             raise RuntimeError(f"{self._describe(param)} {problem}; {consequence}")
 
-    def _every_grad(self) -> list[torch.Tensor] | None:
+    def _every_grad(self, backend_checks: bool = False) -> list[torch.Tensor] | None:
         """The steady state's intake: every parameter's ``.grad``, in the order of
         ``_accumulation.ordered``, when each is there and fits what its slot was made
         for (dense, its dtype, shape and device), not released; else None, and the
-        general path checks them one by one and says what is wrong."""
+        general path checks them one by one and says what is wrong. With
+        ``backend_checks`` (the backend checks them all before it writes anything, see
+        ``AccumulationState.backend_checks``) only their presence is checked here."""
         accumulation = self._accumulation
         grads = [param.grad for param in accumulation.ordered]
+        if backend_checks:
+            return None if any(grad is None for grad in grads) else grads
         strided = torch.strided
         for grad, (shape, dtype, device) in zip(grads, accumulation.grad_specs, strict=True):
             if (

@@ -270,9 +270,20 @@ class FusedAccumOptimizer(
         grad_squares = self._micro_step_squares(inverse_loss_scale)
         # the steady state: every parameter brings a gradient and already holds a sum,
         # so the gradients are checked and folded as one list, with no adoption to test
-        every_grad = self._every_grad() if accumulation.steady and not overflow else None
+        every_grad = None
+        if accumulation.steady and not overflow:
+            # unchecked here only where the backend checks them and nothing is released
+            # before it has: at the boundary they are released before the update
+            trusted = accumulation.backend_checks and not boundary
+            every_grad = self._every_grad(backend_checks=trusted)
+            if every_grad is not None and not boundary:
+                try:
+                    accumulation.fold_every(every_grad, factor, self._found_inf(), grad_squares)
+                except (RuntimeError, ValueError):
+                    if not trusted:
+                        raise
+                    every_grad = None  # nothing folded: the checks below say what is wrong
         if every_grad is not None and not boundary:
-            accumulation.fold_every(every_grad, factor, self._found_inf(), grad_squares)
             for param in accumulation.ordered:
                 param.grad = None
             pairs = []

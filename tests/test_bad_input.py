@@ -185,3 +185,29 @@ def test_pickling_or_deep_copying_says_to_use_the_state_dict():
         copy.deepcopy(optimizer)
     with pytest.raises(TypeError, match=r"cannot be pickled or deep-copied"):
         pickle.dumps(optimizer)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_bad_gradient_in_the_steady_state_is_named_and_nothing_is_lost(backend):
+    """After the window's first micro-step the gradients are folded as one list, checked
+    by the compiled ops themselves: a gradient that no longer fits its buffer still gets
+    the message that names its parameter, and every .grad stays where it was."""
+    from fused_accum.backends import compiled
+
+    if backend == "cpu" and compiled.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip("the compiled CPU kernels are not built")
+    first, second = _param(4), _param(4)
+    optimizer = FusedAccumSGD([first, second], lr=0.1, accumulation_steps=3, backend=backend)
+    first.grad, second.grad = torch.ones(4), torch.ones(4)
+    optimizer.step()
+    first.data = torch.ones(20)
+    first.grad, second.grad = torch.ones(20), torch.ones(4)
+    with pytest.raises(
+        RuntimeError, match=r"parameter 0 of param group 0 is now torch.float32 of shape \(20,\)"
+    ):
+        optimizer.step()
+    assert first.grad is not None and second.grad is not None
+    assert optimizer.micro_step_count == 1 and optimizer.window_weight == 1.0
+    first.data, first.grad = torch.ones(4), torch.ones(4)
+    optimizer.step()  # mended: the window goes on, the refused micro-step not counted
+    torch.testing.assert_close(optimizer._accumulation.buffer_view(second), torch.full((4,), 2.0))

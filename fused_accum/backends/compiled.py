@@ -68,6 +68,9 @@ class CompiledBackend:
     another library of the same schemas (the tests give the CUDA kernels built for
     their emulator, torch.ops.fused_accum_emulated)."""
 
+    # the ops check every operand (dtype, shape, layout, device) before writing anything
+    checks_operands = True
+
     def __init__(self, name: str, ops=None) -> None:
         self.name = name
         self._ops = torch.ops.fused_accum if ops is None else ops
