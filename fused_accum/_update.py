@@ -68,19 +68,22 @@ class WindowUpdate:
             fresh = []
             window_scalars = self._window_scalars(squares, total_weight)
         fresh_grads = {id(param): grad for param, grad in fresh}
+        holds_sum, slots, adopted = accumulation.holds_sum, accumulation.slots, accumulation.adopted
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
             for param in group["params"]:
-                use_buffer = id(param) in accumulation.holds_sum
-                grad = fresh_grads.get(id(param))
+                key = id(param)  # by id: hashing a tensor runs Python code
+                use_buffer = key in holds_sum
+                grad = fresh_grads.get(key)
                 if not use_buffer and grad is None:
                     continue  # no gradient in the whole window: skipped, as torch does
                 state_key = self._prepare_state(group, param)
-                master = self._master_param(param)
-                key = (param.device, param.dtype, use_buffer, grad is not None, state_key)
-                batch = batches.get(key)
+                master = self._master_param(param) if self.master_weights else None
+                flat_group, index = slots[key]
+                batch_key = (flat_group, use_buffer, grad is not None, state_key)
+                batch = batches.get(batch_key)
                 if batch is None:
-                    batch = batches[key] = StepBatch(
+                    batch = batches[batch_key] = StepBatch(
                         params=[],
                         buffers=[],
                         grads=None if grad is None else [],
@@ -95,11 +98,19 @@ class WindowUpdate:
                 batch.params.append(param)
                 if master is not None:
                     batch.masters.append(master)
-                batch.buffers.append(accumulation.step_buffer(param, grad))
+                buffer = adopted.get(key) if use_buffer else None  # step_buffer, inline
+                if buffer is None:
+                    buffer = (
+                        flat_group.buffer_view(index)
+                        if use_buffer
+                        else accumulation.step_buffer(param, grad)
+                    )
+                batch.buffers.append(buffer)
                 if grad is not None:
                     batch.grads.append(grad)
-            for (device, dtype, *_, state_key), batch in batches.items():
-                backend = accumulation.backends[(device, dtype)]
+            for (flat_group, *_, state_key), batch in batches.items():
+                device = flat_group.device
+                backend = accumulation.backends[(device, flat_group.param_dtype)]
                 scalars = None if window_scalars is None else window_scalars[device]
                 if self._grad_stats is not None:
                     batch.grad_stats = self._grad_stats.table(batch.params, device)
