@@ -1,4 +1,5 @@
-"""The Triton backend: host side of triton_kernels.py.
+"""The Triton backend: host side of the Triton kernels (triton_accumulate.py,
+triton_steps.py, triton_finalize.py).
 
 Each spec call becomes one kernel launch, whatever the number of tensors: the launch
 covers every block of every tensor through block tables built once per tensor layout.
@@ -16,7 +17,7 @@ recent ones are kept, so a fixed model's calls upload nothing after the first wi
 Sums over many programs repeat bit for bit: a call that asks for ``sum_sq``,
 ``grad_sum_sq`` or ``grad_stats`` has its programs write their partials to a scratch
 buffer, and launches a finalize kernel after them on the same stream that adds them up
-in a fixed order (triton_kernels.py). The scratch is kept per device and stream and
+in a fixed order (triton_finalize.py). The scratch is kept per device and stream and
 only grows, so steady state allocates nothing.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
@@ -73,7 +75,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 def _interpreter_problem() -> str | None:
     """Why this Triton interpreter cannot run the kernels (it does not follow an address
     loaded from a table, as triton < 3.8 does not), or None; found once by a probe."""
-    from .triton_kernels import follows_address_tables
+    from .triton_common import follows_address_tables
 
     if follows_address_tables():
         return None
@@ -211,9 +213,18 @@ class TritonBackend:
     name = "triton"
 
     def __init__(self) -> None:
-        from . import triton_kernels
+        # imported here: importing the kernels imports triton
+        from . import triton_accumulate, triton_common, triton_finalize, triton_steps
 
-        self._kernels = triton_kernels
+        self._kernels = SimpleNamespace(
+            accumulate_kernel=triton_accumulate.accumulate_kernel,
+            sgd_kernel=triton_steps.sgd_kernel,
+            adam_kernel=triton_steps.adam_kernel,
+            finalize_sums_kernel=triton_finalize.finalize_sums_kernel,
+            finalize_grad_stats_kernel=triton_finalize.finalize_grad_stats_kernel,
+            SUM_PARTIALS=triton_common.SUM_PARTIALS,
+            STAT_PARTIALS=triton_common.STAT_PARTIALS,
+        )
         self._layouts: dict[tuple, _Layout] = {}
         self._address_tables: dict[tuple, torch.Tensor] = {}
         self._unused_tensors: dict[torch.device, torch.Tensor] = {}
