@@ -17,9 +17,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fused_accum.backends.triton_accumulate import accumulate_kernel
-from fused_accum.backends.triton_backend import FINALIZE_TILE
 from fused_accum.backends.triton_finalize import finalize_grad_stats_kernel, finalize_sums_kernel
 from fused_accum.backends.triton_steps import adam_kernel, sgd_kernel
+from fused_accum.backends.triton_tables import FINALIZE_TILE
 
 TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets",
