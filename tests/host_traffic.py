@@ -31,7 +31,7 @@ ALLOWED = {
     ),
     ("read", "_checks.check_weight"): "a tensor weight is read once per micro-step (README)",
     ("read", "_optimizer._grad_scaler_inputs"): "a GradScaler's per-micro-step read (README)",
-    ("build", "triton_backend._new_address_table"): (
+    ("build", "triton_tables._new_address_table"): (
         "the addresses of fresh gradients, which autograd may place anywhere: uploaded "
         "from pinned memory without making the host wait"
     ),

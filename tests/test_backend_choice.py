@@ -11,7 +11,7 @@ import torch
 
 from fused_accum import FusedAccumSGD, backends
 from fused_accum.backends import compiled, resolve_backend
-from fused_accum.backends.triton_backend import BLOCK, _Layout
+from fused_accum.backends.triton_tables import BLOCK, _Layout
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -39,12 +39,14 @@ def _model() -> torch.nn.Module:
 
 def _persistent(optimizer) -> tuple:
     """What the optimizer keeps between windows: the addresses of its flat tensors and
-    state, and the number of block layouts each backend has built."""
+    state, and the number of block layouts the Triton backend has built (the others
+    build none)."""
     accumulation = optimizer._accumulation
     addresses = {t.data_ptr() for g in accumulation.groups.values() for t in g.flat_tensors()}
     for state in optimizer.state.values():
         addresses |= {v.data_ptr() for v in state.values() if isinstance(v, torch.Tensor)}
-    layouts = [len(getattr(b, "_layouts", ())) for b in accumulation.backends.values()]
+    backends = accumulation.backends.values()
+    layouts = [len(b._tables.layouts) for b in backends if b.name == "triton"]
     return addresses, layouts
 
 

@@ -22,7 +22,8 @@ from backend_cases import (
 )
 
 from fused_accum import FusedAccumAdam, FusedAccumAdamW, FusedAccumSGD
-from fused_accum.backends.triton_backend import interpreter_active, unavailable_reason
+from fused_accum.backends.triton_backend import unavailable_reason
+from fused_accum.backends.triton_tables import interpreter_active
 
 # On CPU: under the interpreter, through the address tables a GPU uses; where that
 # cannot run, skipped with the reason, unless CI expects it (then the tests fail).

@@ -16,8 +16,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_accum.backends import triton_kernels as kernels
-from fused_accum.backends.triton_backend import FINALIZE_TILE
+from fused_accum.backends.triton_accumulate import accumulate_kernel
+from fused_accum.backends.triton_finalize import finalize_grad_stats_kernel, finalize_sums_kernel
+from fused_accum.backends.triton_steps import adam_kernel, sgd_kernel
+from fused_accum.backends.triton_tables import FINALIZE_TILE
 
 TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 TABLES = ("grads", "params", "block_tensor", "block_start", "numels", "flat_offsets",
@@ -101,7 +103,7 @@ def variants():
         variant = dtype
         yield (
             "accumulate", arch, variant, extra,
-            _compile(kernels.accumulate_kernel, arch, operands,
+            _compile(accumulate_kernel, arch, operands,
                      dict(common, GRAD_DTYPE=TL[dtype], OVERWRITE=False, CHECK_FINITE=True,
                           HAS_SUM_SQ="sum_sq" in extra.split("+"),
                           HAS_GRAD_SUM_SQ="grad_sum_sq" in extra.split("+"))),
@@ -114,23 +116,23 @@ def variants():
                     HAS_GRAD_STATS="stats" in extra.split("+"))  # fmt: skip
         yield (
             "sgd", arch, variant, extra,
-            _compile(kernels.sgd_kernel, arch, operands,
+            _compile(sgd_kernel, arch, operands,
                      dict(step, HAS_MOMENTUM=True, INIT_MOMENTUM=False, NESTEROV=True)),
         )  # fmt: skip
         yield (
             "adam", arch, variant, extra,
-            _compile(kernels.adam_kernel, arch, operands, dict(step, DECOUPLED=True, AMSGRAD=True)),
+            _compile(adam_kernel, arch, operands, dict(step, DECOUPLED=True, AMSGRAD=True)),
         )  # fmt: skip
     for arch in (80, 90):
         operands = _operands("fp32")
         yield (
             "finalize_sums", arch, "fp32", ACCUMULATE_EXTRAS[2],
-            _compile(kernels.finalize_sums_kernel, arch, operands,
+            _compile(finalize_sums_kernel, arch, operands,
                      dict(HAS_SUM_SQ=True, HAS_GRAD_SUM_SQ=True, TILE=FINALIZE_TILE)),
         )  # fmt: skip
         yield (
             "finalize_grad_stats", arch, "fp32", STEP_EXTRAS[2],
-            _compile(kernels.finalize_grad_stats_kernel, arch, operands,
+            _compile(finalize_grad_stats_kernel, arch, operands,
                      dict(HAS_GRADS=True, HAS_DEVICE_SCALARS=True, TILE=FINALIZE_TILE)),
         )  # fmt: skip
 
