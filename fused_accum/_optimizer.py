@@ -279,8 +279,10 @@ class FusedAccumOptimizer(
             if every_grad is not None and not boundary:
                 try:
                     accumulation.fold_every(every_grad, factor, self._found_inf(), grad_squares)
-                except (RuntimeError, ValueError):
-                    if not trusted:
+                except (RuntimeError, ValueError) as error:
+                    # the ops' own argument checks ("fused_accum: ...") come before
+                    # anything is written; any other failure (a device's) is raised
+                    if not trusted or not str(error).startswith("fused_accum:"):
                         raise
                     every_grad = None  # nothing folded: the checks below say what is wrong
         if every_grad is not None and not boundary:
