@@ -65,9 +65,13 @@ inline void check_buffers(const at::TensorList& buffers, at::ScalarType param_dt
   }
 }
 
-// The checks of an accumulate call with gradients: one gradient per buffer, laid out
-// like it, in one supported dtype (returned).
-inline at::ScalarType check_accumulate(const at::TensorList& buffers, const at::TensorList& grads) {
+// The checks of an accumulate call: one gradient per buffer, laid out like it, in one
+// supported dtype (returned; nullopt for a call without gradients, which does nothing).
+inline std::optional<at::ScalarType> check_accumulate(const at::TensorList& buffers,
+                                                      const at::TensorList& grads) {
+  TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
+              " gradients for ", buffers.size(), " buffers");
+  if (grads.empty()) return std::nullopt;
   const auto dtype = grads[0].scalar_type();
   check_param_dtype(dtype);
   check_buffers(buffers, dtype);

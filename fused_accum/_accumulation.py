@@ -194,9 +194,7 @@ class AccumulationState:
         """Whether ``fold_every`` may be given unchecked gradients: one group, whose
         backend checks every operand (dtype, shape, layout, device) before it writes
         anything, so a bad gradient raises with nothing folded."""
-        return len(self.groups) == 1 and getattr(
-            next(iter(self.backends.values())), "checks_operands", False
-        )
+        return len(self.groups) == 1 and next(iter(self.backends.values())).checks_operands
 
     def fold_every(
         self,

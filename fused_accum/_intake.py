@@ -78,6 +78,66 @@ class GradientIntake:
         if problem is not None:
             raise RuntimeError(f"{self._describe(param)} {problem}; {consequence}")
 
+    def _take_micro_batch(
+        self,
+        factor: float,
+        grad_squares: dict | None,
+        boundary: bool,
+        overflow: bool,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Take this micro-step's gradients: checked, then released. Unless at the
+        ``boundary`` they are folded in with weight ``factor`` and [] is returned; at
+        it, the (param, grad) pairs for the update. Nothing is taken when a check or
+        the fold fails. A window with a non-finite gradient (``overflow`` here, or
+        before) takes them and drops them."""
+        accumulation = self._accumulation
+        if accumulation.steady and not overflow:
+            taken = self._take_every_grad(factor, grad_squares, boundary)
+            if taken is not None:
+                return taken
+        pairs, private = self._take_grads()
+        accumulation.overflowed |= overflow
+        if accumulation.overflowed:
+            return []  # a window with a non-finite gradient is skipped whole
+        if boundary:
+            return pairs
+        try:
+            accumulation.fold(
+                pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
+            )
+        except BaseException:
+            for param, grad in pairs:
+                param.grad = grad  # not folded: the gradients stay where they were
+            raise
+        return []
+
+    def _take_every_grad(
+        self, factor: float, grad_squares: dict | None, boundary: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``_take_micro_batch`` in the steady state, where every parameter brings a
+        gradient and already holds a sum: the gradients as one list, with no adoption
+        to test. None, with nothing taken, when one is missing or does not fit (the
+        general path then says what is wrong)."""
+        accumulation = self._accumulation
+        # unchecked here only where the backend checks them and they are folded before
+        # they are released; at the boundary they are released before the update
+        trusted = accumulation.backend_checks and not boundary
+        grads = self._every_grad(backend_checks=trusted)
+        if grads is None:
+            return None
+        if not boundary:
+            try:
+                accumulation.fold_every(grads, factor, self._found_inf(), grad_squares)
+            except (RuntimeError, ValueError) as error:
+                # the ops' own argument checks ("fused_accum: ...") come before
+                # anything is written; any other failure (a device's) is raised
+                if not trusted or not str(error).startswith("fused_accum:"):
+                    raise
+                return None
+        for param in accumulation.ordered:
+            param.grad = None
+        return list(zip(accumulation.ordered, grads, strict=True)) if boundary else []
+
     def _every_grad(self, backend_checks: bool = False) -> list[torch.Tensor] | None:
         """The steady state's intake: every parameter's ``.grad``, in the order of
         ``_accumulation.ordered``, when each is there and fits what its slot was made

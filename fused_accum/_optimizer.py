@@ -268,45 +268,7 @@ class FusedAccumOptimizer(
         factor = weight * inverse_loss_scale
         boundary = accumulation.window_micro_steps + 1 >= self.accumulation_steps
         grad_squares = self._micro_step_squares(inverse_loss_scale)
-        # the steady state: every parameter brings a gradient and already holds a sum,
-        # so the gradients are checked and folded as one list, with no adoption to test
-        every_grad = None
-        if accumulation.steady and not overflow:
-            # unchecked here only where the backend checks them and nothing is released
-            # before it has: at the boundary they are released before the update
-            trusted = accumulation.backend_checks and not boundary
-            every_grad = self._every_grad(backend_checks=trusted)
-            if every_grad is not None and not boundary:
-                try:
-                    accumulation.fold_every(every_grad, factor, self._found_inf(), grad_squares)
-                except (RuntimeError, ValueError) as error:
-                    # the ops' own argument checks ("fused_accum: ...") come before
-                    # anything is written; any other failure (a device's) is raised
-                    if not trusted or not str(error).startswith("fused_accum:"):
-                        raise
-                    every_grad = None  # nothing folded: the checks below say what is wrong
-        if every_grad is not None and not boundary:
-            for param in accumulation.ordered:
-                param.grad = None
-            pairs = []
-        elif every_grad is not None:
-            pairs = list(zip(accumulation.ordered, every_grad, strict=True))
-            for param in accumulation.ordered:
-                param.grad = None
-        else:
-            pairs, private = self._take_grads()
-        accumulation.overflowed |= overflow
-        if accumulation.overflowed:
-            pairs = []  # a window with a non-finite gradient is skipped whole
-        if every_grad is None and not boundary:
-            try:
-                accumulation.fold(
-                    pairs, factor, self._found_inf(), grad_sum_sq=grad_squares, private=private
-                )
-            except BaseException:
-                for param, grad in pairs:
-                    param.grad = grad  # not folded: the gradients stay where they were
-                raise
+        pairs = self._take_micro_batch(factor, grad_squares, boundary, overflow)
         if not boundary and self._grad_stats is not None:
             self._grad_stats.close_micro_step()
         # the micro-batch is taken: its weight and its folds in backward are counted now

@@ -68,7 +68,7 @@ class WindowUpdate:
             fresh = []
             window_scalars = self._window_scalars(squares, total_weight)
         fresh_grads = {id(param): grad for param, grad in fresh}
-        holds_sum, slots, adopted = accumulation.holds_sum, accumulation.slots, accumulation.adopted
+        holds_sum, slots = accumulation.holds_sum, accumulation.slots
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
             for param in group["params"]:
@@ -79,7 +79,7 @@ class WindowUpdate:
                     continue  # no gradient in the whole window: skipped, as torch does
                 state_key = self._prepare_state(group, param)
                 master = self._master_param(param) if self.master_weights else None
-                flat_group, index = slots[key]
+                flat_group = slots[key][0]
                 batch_key = (flat_group, use_buffer, grad is not None, state_key)
                 batch = batches.get(batch_key)
                 if batch is None:
@@ -98,14 +98,7 @@ class WindowUpdate:
                 batch.params.append(param)
                 if master is not None:
                     batch.masters.append(master)
-                buffer = adopted.get(key) if use_buffer else None  # step_buffer, inline
-                if buffer is None:
-                    buffer = (
-                        flat_group.buffer_view(index)
-                        if use_buffer
-                        else accumulation.step_buffer(param, grad)
-                    )
-                batch.buffers.append(buffer)
+                batch.buffers.append(accumulation.step_buffer(param, grad))
                 if grad is not None:
                     batch.grads.append(grad)
             for (flat_group, *_, state_key), batch in batches.items():

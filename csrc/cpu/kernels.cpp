@@ -166,10 +166,8 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
                 const std::optional<at::Tensor>& found_inf,
                 const std::optional<at::Tensor>& sum_sq,
                 const std::optional<at::Tensor>& grad_sum_sq) {
-  TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
-              " gradients for ", buffers.size(), " buffers");
-  if (grads.empty()) return;
-  const auto dtype = check_accumulate(buffers, grads);
+  const std::optional<at::ScalarType> dtype = check_accumulate(buffers, grads);
+  if (!dtype.has_value()) return;
   if (found_inf.has_value()) {
     TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat &&
                     found_inf->device().is_cpu(),
@@ -182,7 +180,7 @@ void accumulate(at::TensorList buffers, at::TensorList grads, double scale, bool
                 "fused_accum: ", sums == &sum_sq ? "sum_sq" : "grad_sum_sq",
                 " must be a one-element float32 CPU tensor");
   }
-  const AccumulateFn run = accumulate_function(dtype);
+  const AccumulateFn run = accumulate_function(*dtype);
   const bool check = found_inf.has_value();
   int64_t buffer_bytes = 0;
   bool aligned = true;  // the streaming stores write whole, 64-byte aligned lines

@@ -58,10 +58,8 @@ inline void accumulate(at::TensorList buffers, at::TensorList grads, double scal
                        const std::optional<at::Tensor>& found_inf,
                        const std::optional<at::Tensor>& sum_sq,
                        const std::optional<at::Tensor>& grad_sum_sq) {
-  TORCH_CHECK(buffers.size() == grads.size(), "fused_accum: ", grads.size(),
-              " gradients for ", buffers.size(), " buffers");
-  if (grads.empty()) return;
-  const auto dtype = check_accumulate(buffers, grads);
+  const std::optional<at::ScalarType> dtype = check_accumulate(buffers, grads);
+  if (!dtype.has_value()) return;
   const at::Device device = buffers[0].device();
   check_device(buffers, device, "buffers");
   float* flag = one_float(found_inf, device, "found_inf");
@@ -70,7 +68,7 @@ inline void accumulate(at::TensorList buffers, at::TensorList grads, double scal
   const DeviceGuard guard(device);
   const std::vector<std::vector<void*>> operands = {addresses(buffers, buffers.size()),
                                                     addresses(grads, grads.size())};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fused_accum_accumulate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, *dtype, "fused_accum_accumulate", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     with_flag(squares != nullptr, [&](auto sum_sq_flag) {
       with_flag(grad_squares != nullptr, [&](auto grad_sq_flag) {
@@ -102,9 +100,9 @@ inline void step(at::TensorList params, at::TensorList buffers,
     with_flag(args.grad_stats != nullptr, [&](auto stats) {
       constexpr bool kStats = decltype(stats)::value;
       if (args.adam) {
-        for_each_element<7>(operands, params, Adam<scalar_t, A, kStats>{DeviceStepArgs<A>(args)});
+        for_each_element<7>(operands, params, Adam<scalar_t, A, kStats>{{DeviceStepArgs<A>(args)}});
       } else {
-        for_each_element<5>(operands, params, Sgd<scalar_t, A, kStats>{DeviceStepArgs<A>(args)});
+        for_each_element<5>(operands, params, Sgd<scalar_t, A, kStats>{{DeviceStepArgs<A>(args)}});
       }
     });
   });

@@ -342,12 +342,24 @@ __device__ __forceinline__ void run_step(const DeviceStepArgs<A>& a, const Table
   if constexpr (STATS) stats.write_block(partials + blockIdx.x * GradStats<A>::kValues);
 }
 
-// STATS: add the gradient statistics to a.grad_stats.
-template <typename P, typename A, bool STATS>
-struct Sgd {
+// What the steps share: their arguments, and with STATS the partials of the gradient
+// statistics (added to a.grad_stats) and their finalize.
+template <typename A, bool STATS>
+struct StepOp {
   static constexpr int kPartials = STATS ? GradStats<A>::kValues : 0;
   DeviceStepArgs<A> a;
   float* partials = nullptr;  // [blocks][kPartials], set by for_each_element
+
+  template <typename Table>
+  __device__ void finalize(const Table& table, int blocks) const {
+    if constexpr (STATS) add_stats_partials<A>(table, blocks, partials, a);
+  }
+};
+
+template <typename P, typename A, bool STATS>
+struct Sgd : StepOp<A, STATS> {
+  using StepOp<A, STATS>::a;
+  using StepOp<A, STATS>::partials;
 
   template <typename Table>
   __device__ void operator()(const Table& table, int t, int64_t begin, int size) const {
@@ -368,18 +380,12 @@ struct Sgd {
           return value - a.lr * gradient;
         });
   }
-
-  template <typename Table>
-  __device__ void finalize(const Table& table, int blocks) const {
-    if constexpr (STATS) add_stats_partials<A>(table, blocks, partials, a);
-  }
 };
 
 template <typename P, typename A, bool STATS>
-struct Adam {
-  static constexpr int kPartials = STATS ? GradStats<A>::kValues : 0;
-  DeviceStepArgs<A> a;
-  float* partials = nullptr;  // [blocks][kPartials], set by for_each_element
+struct Adam : StepOp<A, STATS> {
+  using StepOp<A, STATS>::a;
+  using StepOp<A, STATS>::partials;
 
   template <typename Table>
   __device__ void operator()(const Table& table, int t, int64_t begin, int size) const {
@@ -409,11 +415,6 @@ struct Adam {
           const A denominator = sqrt(second_moment) / StepScalars<A>::bias_correction2_sqrt(a) + a.eps;
           return value - StepScalars<A>::step_size(a) * (first / denominator);
         });
-  }
-
-  template <typename Table>
-  __device__ void finalize(const Table& table, int blocks) const {
-    if constexpr (STATS) add_stats_partials<A>(table, blocks, partials, a);
   }
 };
 

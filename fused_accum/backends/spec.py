@@ -117,6 +117,9 @@ class Backend(Protocol):
     """What every backend provides; the reference backend defines the results."""
 
     name: str
+    # whether the backend checks every operand (dtype, shape, layout, device) itself,
+    # before it writes anything: then the optimizer need not check them first
+    checks_operands: bool
 
     def accumulate(
         self,

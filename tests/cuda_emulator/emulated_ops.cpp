@@ -51,15 +51,12 @@ at::Tensor block_sum(const at::Tensor& values, bool barrier) {
   return total;
 }
 
-int64_t switches() { return emulator().switches; }
-
 }  // namespace
 
 TORCH_LIBRARY(fused_accum_emulated, m) {
   fused_accum::define_ops(m);
   m.def("set_order", &set_order);
   m.def("block_sum", &block_sum);
-  m.def("switches", &switches);
 }
 
 TORCH_LIBRARY_IMPL(fused_accum_emulated, CPU, m) {

@@ -72,7 +72,6 @@ class Emulator {
  public:
   Order order = Order::forward;
   Dim3 block_index, block_dim, grid_dim;
-  int64_t switches = 0;  // fiber switches since the last reset, for the tests' curiosity
 
   // Runs body() as every thread of every block of a grid; throws what went wrong.
   void run_grid(int blocks, int threads, const std::function<void()>& body) {
@@ -97,7 +96,6 @@ class Emulator {
 
   // Back to the scheduler, until the fiber is ready again.
   void yield() {
-    ++switches;
     swapcontext(&fibers_[size_t(current_)].context, &scheduler_);
   }
 
@@ -137,7 +135,6 @@ class Emulator {
 
   void switch_to(int thread) {
     current_ = thread;
-    ++switches;
     swapcontext(&scheduler_, &fibers_[size_t(thread)].context);
     current_ = -1;
   }
