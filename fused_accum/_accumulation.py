@@ -121,6 +121,31 @@ class AccumulationState:
         group, index = self.slots[id(param)]
         return group.state_view(name, index)
 
+    def count_view(self, param: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+        group, index = self.slots[id(param)]
+        return group.count_view(name, index, device)
+
+    def advance_counts(
+        self, params: list[torch.Tensor], name: str, amount: float | torch.Tensor
+    ) -> None:
+        """Add ``amount`` (a number, or a one-element tensor on the counts' device) to
+        count ``name`` of each of ``params``: one add when they are consecutive
+        parameters of one group, as a window's batch usually is."""
+        located = [self.slots[id(param)] for param in params]
+        group, first = located[0]
+        counts = group.counts[name]
+        if all(g is group for g, _ in located) and [i for _, i in located] == list(
+            range(first, first + len(located))
+        ):
+            counts[first : first + len(located)].add_(amount)
+            return
+        views = [g.counts[name][index] for g, index in located]
+        if isinstance(amount, torch.Tensor):
+            # a list of tensors: the Scalar overload would read the amount on the host
+            torch._foreach_add_(views, [amount] * len(views))
+        else:
+            torch._foreach_add_(views, amount)
+
     def fold(
         self,
         pairs: list[tuple[torch.Tensor, torch.Tensor]],

@@ -38,6 +38,8 @@ class FusedAccumOptimizer(
     """Base class of the fused_accum optimizers; not used directly."""
 
     _flat_state_names: tuple[str, ...] = ()
+    # per-parameter counts kept as views of one tensor per group (see _count_view)
+    _count_state_names: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -84,3 +84,6 @@ class ParameterChecks:
             for name in self._flat_state_names:
                 if isinstance(state.get(name), torch.Tensor):
                     state[name] = self._accumulation.state_view(param, name)
+            for name in self._count_state_names:
+                if isinstance(state.get(name), torch.Tensor):
+                    state[name] = self._count_view(param, name)

@@ -77,7 +77,7 @@ class StateDictMixin:
         super().load_state_dict({**state_dict, "state": {}})
         accumulation = self._accumulation
         for flat_group in accumulation.groups.values():
-            for flat in flat_group.states.values():
+            for flat in [*flat_group.states.values(), *flat_group.counts.values()]:
                 flat.zero_()
         for saved_id, param_state in saved_state.items():
             param = id_map[saved_id]
@@ -145,9 +145,14 @@ class StateDictMixin:
         return id_map
 
     def _own_storages(self) -> set[int]:
-        """The addresses of the storages we hold: flat tensors and adopted buffers."""
+        """The addresses of the storages we hold: flat tensors, counts and adopted
+        buffers."""
         accumulation = self._accumulation
-        flats = [flat for group in accumulation.groups.values() for flat in group.flat_tensors()]
+        flats = [
+            flat
+            for group in accumulation.groups.values()
+            for flat in [*group.flat_tensors(), *group.counts.values()]
+        ]
         return {t.untyped_storage().data_ptr() for t in chain(flats, accumulation.adopted.values())}
 
     def _detached(self, value: Any, ours: set[int]) -> Any:
@@ -165,8 +170,10 @@ class StateDictMixin:
                 view = self._accumulation.state_view(param, name)
                 view.copy_(value)
                 loaded[name] = view
-            elif name == "step":
-                loaded[name] = torch.tensor(float(value), dtype=torch.float32)
+            elif name in self._count_state_names:
+                view = self._count_view(param, name)
+                view.fill_(float(value))
+                loaded[name] = view
             else:
                 loaded[name] = value
         return loaded

@@ -45,6 +45,9 @@ class FlatGroup:
         self.numel = 0
         self.shapes: list[torch.Size] = []
         self.states: dict[str, torch.Tensor] = {}
+        # per-parameter counts (Adam's step), one element per parameter, so that a
+        # batch of consecutive parameters advances its counts with one add
+        self.counts: dict[str, torch.Tensor] = {}
         self._buffer: torch.Tensor | None = None
         self._strides: list[tuple[int, ...]] = []
         self._buffer_views: list[torch.Tensor] | None = None
@@ -60,11 +63,17 @@ class FlatGroup:
         if self._buffer is not None:
             self._buffer = self._grown(self._buffer)
         self.states = {name: self._grown(flat) for name, flat in self.states.items()}
+        self.counts = {name: self._grown_counts(flat) for name, flat in self.counts.items()}
         self._buffer_views = None
 
     def _grown(self, flat: torch.Tensor) -> torch.Tensor:
         grown = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
         grown[: flat.numel()].copy_(flat)
+        return grown
+
+    def _grown_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        grown = counts.new_zeros(len(self.params))
+        grown[: counts.numel()].copy_(counts)
         return grown
 
     def view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
@@ -80,7 +89,8 @@ class FlatGroup:
         return self._buffer
 
     def flat_tensors(self) -> list[torch.Tensor]:
-        """The flat tensors allocated so far: the buffer (if it is) and the states."""
+        """The flat tensors allocated so far, one element (or more) per parameter
+        element: the buffer (if it is) and the states."""
         allocated = [] if self._buffer is None else [self._buffer]
         return allocated + list(self.states.values())
 
@@ -110,3 +120,12 @@ class FlatGroup:
         if name not in self.states:
             self.states[name] = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
         return self.view(self.states[name], index)
+
+    def count_view(self, name: str, index: int, device: torch.device) -> torch.Tensor:
+        """Parameter ``index``'s count ``name``: a 0-dim float32 view of a tensor holding
+        the group's counts on ``device`` (the host, or the group's device for counts
+        kept there), allocated, zeroed, the first time any parameter asks for it."""
+        counts = self.counts.get(name)
+        if counts is None:
+            counts = self.counts[name] = torch.zeros(len(self.params), device=device)
+        return counts[index]

@@ -208,6 +208,13 @@ class WindowUpdate:
             master.copy_(param)
         return master
 
+    def _count_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        """``param``'s count ``name`` (see ``_count_state_names``): a 0-dim float32 view
+        of its group's counts, on the host, or on the parameter's device with loss
+        scaling (which decides on the device whether a window counts)."""
+        device = param.device if self._loss_scale is not None else torch.device("cpu")
+        return self._accumulation.count_view(param, name, device)
+
     def _new_state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
         view = self._accumulation.state_view(param, name)
         view.zero_()

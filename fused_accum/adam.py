@@ -80,6 +80,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
     )
 
     _flat_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+    _count_state_names = ("step",)
 
     def __init__(
         self,
@@ -155,7 +156,8 @@ class FusedAccumAdam(FusedAccumOptimizer):
     def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
         state = self.state[param]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = self._count_view(param, "step")
+            state["step"].zero_()
             state["exp_avg"] = self._new_state_view(param, "exp_avg")
             state["exp_avg_sq"] = self._new_state_view(param, "exp_avg_sq")
             self._step_history[id(param)] = ("new",)
@@ -186,8 +188,6 @@ class FusedAccumAdam(FusedAccumOptimizer):
         key = self._step_history.get(id(param))
         if key is None:  # loaded state: read the count once
             key = self._step_history[id(param)] = ("loaded", int(state["step"].item()))
-        if state["step"].device != param.device:
-            state["step"] = state["step"].to(param.device)
         return key
 
     def _step_batch(
@@ -235,14 +235,12 @@ class FusedAccumAdam(FusedAccumOptimizer):
             maximize=group["maximize"],
         )
         if device_steps:
-            steps = [state["step"] for state in states]
-            # a list of tensors: the Scalar overload would read `applied` on the host
-            torch._foreach_add_(steps, [applied.float()] * len(steps))
+            self._accumulation.advance_counts(batch.params, "step", applied.float())
             for param in batch.params:
                 self._step_history[id(param)] = hash((state_key, self.update_count))
         else:
-            # one call for the batch's counts, which the host keeps too
-            torch._foreach_add_([state["step"] for state in states], 1.0)
+            # one add for the batch's counts, which the host keeps too
+            self._accumulation.advance_counts(batch.params, "step", 1.0)
             for param in batch.params:
                 self._host_steps[id(param)] = step
 
