@@ -8,9 +8,15 @@ import weakref
 from typing import Any
 
 import torch
+from torch.autograd import Variable
 
 from ._accumulation import AccumulationState
 from ._ownership import is_private
+
+# Gradients taken in backward are folded in buckets of about this size (and at the
+# end of each backward): one backend call per bucket instead of a kernel launch per
+# parameter, while the memory held back stays bounded, as DDP's gradient buckets.
+FOLD_BUCKET_BYTES = 32 * 2**20
 
 # What to do when a fold in backward failed after others of its micro-batch had run.
 _REDO_WINDOW = (
@@ -32,6 +38,12 @@ class GradientIntake:
     _pending_weight: float
     _folded_since_step: bool
     _incomplete_micro_batch: bool
+    # gradients taken in backward, not yet folded; their ids, the private ones' ids
+    # (see is_private) and their bytes
+    _held: list[tuple[torch.Tensor, torch.Tensor]]
+    _held_ids: set[int]
+    _held_private: set[int]
+    _held_bytes: int
 
     def _check_grad(
         self,
@@ -164,11 +176,17 @@ class GradientIntake:
     def _take_grads(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], set[int]]:
         """Every present .grad, checked first and only then released (set to None),
         and the ids of the parameters whose gradient is now referenced nowhere else."""
-        params = [param for param in self._all_params() if param.grad is not None]
-        for param in params:
-            self._check_grad(param, param.grad)
-        pairs, private = [], set()
         accumulation = self._accumulation
+        # the common case, a gradient for every parameter that fits its slot, is
+        # checked in one pass (whose list is dropped at once: is_private counts
+        # references); else each present gradient is checked and named if it fails
+        if self._every_grad() is not None:
+            params = accumulation.ordered
+        else:
+            params = [param for param in self._all_params() if param.grad is not None]
+            for param in params:
+                self._check_grad(param, param.grad)
+        pairs, private = [], set()
         for param in params:
             grad = param.grad
             param.grad = None
@@ -179,42 +197,83 @@ class GradientIntake:
             pairs.append((param, grad))
         return pairs, private
 
+    def _take_in_backward(self, param: torch.Tensor) -> None:
+        """The backward hook's work: check ``param``'s new gradient, release it and hold
+        it for the next fold. Gradients are folded in buckets (at the end of each
+        backward, or once ``FOLD_BUCKET_BYTES`` are held): one backend call per bucket,
+        not one kernel launch per parameter."""
+        self._refuse_if_incomplete()
+        # Backward stops at the first error, but the gradients taken before are in
+        # the window: it then holds part of a micro-batch, which no repetition can
+        # mend, so it must be discarded.
+        partial = self._folded_since_step
+        consequence = "nothing was accumulated"
+        if partial:
+            consequence = (
+                f"its gradient was not accumulated, but backward had already folded "
+                f"other gradients of this micro-batch: {_REDO_WINDOW} (step(), "
+                f"flush() and backward refuse until then)"
+            )
+        grad = param.grad
+        try:
+            self._check_grad(param, grad, consequence)
+        except BaseException:
+            self._incomplete_micro_batch = partial
+            raise
+        if id(param) in self._held_ids:
+            self._fold_held()  # a second backward after one that failed part-way
+        param.grad = None
+        private = is_private(grad)  # before a list holds it
+        fold_now = False
+        if not self._held:
+            try:  # the engine runs this once the backward in progress has finished
+                Variable._execution_engine.queue_callback(self._fold_held)
+            except RuntimeError:  # a hook run outside the engine's backward: no bucket
+                fold_now = True
+        self._held.append((param, grad))
+        self._held_ids.add(id(param))
+        if private:
+            self._held_private.add(id(param))
+        self._held_bytes += grad.numel() * grad.element_size()
+        self._folded_since_step = True
+        if fold_now or self._held_bytes >= FOLD_BUCKET_BYTES:
+            self._fold_held()
+
+    def _fold_held(self) -> None:
+        """Fold the gradients taken in backward and not yet folded, with the
+        micro-batch's weight. If the fold fails they go back to ``.grad`` and the
+        window must be discarded (other buckets of the micro-batch may be in it)."""
+        held, private = self._held, self._held_private
+        if not held:
+            return
+        self._held, self._held_ids, self._held_private = [], set(), set()
+        self._held_bytes = 0
+        try:
+            self._accumulation.fold(
+                held,
+                self._pending_weight,
+                self._found_inf(),
+                grad_sum_sq=self._micro_step_squares(1.0),
+                private=private,
+            )
+        except BaseException:
+            for param, grad in held:
+                param.grad = grad  # not folded: the gradients stay where they were
+            self._incomplete_micro_batch = True
+            raise
+
+    def _drop_held(self) -> None:
+        """Forget the gradients taken in backward and not yet folded."""
+        self._held, self._held_ids, self._held_private = [], set(), set()
+        self._held_bytes = 0
+
     def _register_hooks(self, params: list[torch.Tensor]) -> None:
         optimizer_ref = weakref.ref(self)
 
         def fold_in_backward(param: torch.Tensor) -> None:
             optimizer = optimizer_ref()
-            if optimizer is None or param.grad is None:
-                return
-            optimizer._refuse_if_incomplete()
-            # Backward stops at the first error, but the hooks that ran before folded
-            # their gradients: the window then holds part of a micro-batch, which no
-            # repetition can mend, so it must be discarded.
-            partial = optimizer._folded_since_step
-            consequence = "nothing was accumulated"
-            if partial:
-                consequence = (
-                    f"its gradient was not accumulated, but backward had already folded "
-                    f"other gradients of this micro-batch: {_REDO_WINDOW} (step(), "
-                    f"flush() and backward refuse until then)"
-                )
-            grad = param.grad
-            try:
-                optimizer._check_grad(param, grad, consequence)
-                param.grad = None
-                private = {id(param)} if is_private(grad) else ()  # before a list holds it
-                optimizer._accumulation.fold(
-                    [(param, grad)],
-                    optimizer._pending_weight,
-                    optimizer._found_inf(),
-                    grad_sum_sq=optimizer._micro_step_squares(1.0),
-                    private=private,
-                )
-            except BaseException:
-                param.grad = grad  # not folded: the gradient stays where it was
-                optimizer._incomplete_micro_batch = partial
-                raise
-            optimizer._folded_since_step = True
+            if optimizer is not None and param.grad is not None:
+                optimizer._take_in_backward(param)
 
         hooked = self._hooked_ids
         for param in params:

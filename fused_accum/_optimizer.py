@@ -92,6 +92,7 @@ class FusedAccumOptimizer(
         self._folded_since_step = False
         # a fold in backward failed after others of its micro-batch had run
         self._incomplete_micro_batch = False
+        self._drop_held()  # no gradients taken in backward yet
         super().__init__(params, defaults)
         if self._loss_scaling is not None:
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
@@ -263,6 +264,7 @@ class FusedAccumOptimizer(
                 "backward; give the micro-batch weight before backward with "
                 "optimizer.set_weight(weight) instead of step(weight=...)"
             )
+        self._fold_held()  # normally done at the end of backward already
         self._refuse_if_incomplete()
         weight = self._pending_weight if weight is None else check_weight(weight)
         inverse_loss_scale, overflow = self._grad_scaler_inputs()
@@ -353,6 +355,7 @@ class FusedAccumOptimizer(
         if self._incomplete_micro_batch:
             for param in self._hooks:
                 param.grad = None
+        self._drop_held()
         self._accumulation.end_window()
         if self._grad_stats is not None:
             self._grad_stats.discard()

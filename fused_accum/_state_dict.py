@@ -12,8 +12,9 @@ from ._accumulation import AccumulationState
 
 
 class StateDictMixin:
-    """Needs ``_accumulation``, ``_flat_state_names``, ``_all_params``, ``_describe``,
-    ``discard_window``, ``state`` and ``param_groups`` from the optimizer."""
+    """Needs ``_accumulation``, ``_flat_state_names``, ``_count_state_names``,
+    ``_count_view``, ``_all_params``, ``_describe``, ``discard_window``,
+    ``_fold_held``, ``state`` and ``param_groups`` from the optimizer."""
 
     _accumulation: AccumulationState
     _flat_state_names: tuple[str, ...]
@@ -30,6 +31,7 @@ class StateDictMixin:
         :meth:`set_weight`, and with ``accumulate_in_backward`` whether backward already
         folded part of it), so that a run stopped mid-window, even between a backward
         and its step(), resumes exactly."""
+        self._fold_held()  # what backward took is in the window (a failed backward's too)
         state_dict = super().state_dict()
         accumulation = self._accumulation
         state_dict["accumulation"] = {
