@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .layout import like_buffer, write_back
-from .spec import StepBatch
+from .spec import AdamHyperparams, SgdHyperparams, StepBatch
 
 _import_error: str | None = None
 _loaded = False
@@ -115,21 +115,15 @@ class CompiledBackend:
         self,
         batch: StepBatch,
         momentum_buffers: list[torch.Tensor] | None,
+        hyper: SgdHyperparams,
         *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        maximize: bool,
         init_momentum: bool,
     ) -> None:
         self._step(
             self._ops.sgd_step, batch, momentum_buffers or [], batch.masters or [],
-            batch.use_buffer,
-            float(batch.normaliser), float(batch.grad_weight), float(lr), float(momentum),
-            float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
-            _seed(batch), batch.device_scalars, batch.grad_stats,
+            batch.use_buffer, float(batch.normaliser), float(batch.grad_weight),
+            *hyper.as_tuple(), init_momentum, _seed(batch), batch.device_scalars,
+            batch.grad_stats,
         )  # fmt: skip
 
     def adam_step(
@@ -138,22 +132,13 @@ class CompiledBackend:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         max_exp_avg_sqs: list[torch.Tensor] | None,
+        hyper: AdamHyperparams,
         *,
         step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled_weight_decay: bool,
-        amsgrad: bool,
-        maximize: bool,
     ) -> None:
         self._step(
             self._ops.adam_step, batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
             batch.masters or [], batch.use_buffer, float(batch.normaliser),
-            float(batch.grad_weight), int(step), float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay),
-            decoupled_weight_decay, amsgrad, maximize, _seed(batch), batch.device_scalars,
-            batch.grad_stats,
+            float(batch.grad_weight), int(step), *hyper.as_tuple(), _seed(batch),
+            batch.device_scalars, batch.grad_stats,
         )  # fmt: skip
