@@ -43,10 +43,10 @@ load, parameters are rounded once on store.
     ``hyper`` holds the param group's hyperparameters, one typed record per algorithm
     (``SgdHyperparams``, ``AdamHyperparams``) whose fields are, in order, the
     hyperparameter arguments of the compiled ops' schemas (csrc/op_schemas.h): the
-    compiled backend passes them positionally. What changes from update to update
-    stays a keyword: ``init_momentum`` (the first update with momentum: the momentum
-    buffer is set to the gradient, not blended into) and ``step`` (Adam's step count,
-    from 1, for the bias corrections).
+    compiled backend passes them positionally and checks the order when it loads the
+    ops. What changes from update to update stays a keyword: ``init_momentum`` (the
+    first update with momentum: the momentum buffer is set to the gradient, not
+    blended into) and ``step`` (Adam's step count, from 1, for the bias corrections).
 
     The buffers are left as they are: after an update their contents are dead, and
     the first contribution of the next window overwrites them (``overwrite=True``), so
@@ -113,7 +113,8 @@ class StepBatch:
 class SgdHyperparams:
     """torch.optim.SGD's hyperparameters of a param group, as Python floats and bools.
     The fields are, in order, the hyperparameter arguments of the ``sgd_step`` op's
-    schema: the compiled backend passes ``as_tuple()`` there."""
+    schema: the compiled backend passes ``as_tuple()`` there, and checks the names
+    when it loads the ops."""
 
     lr: float
     """Learning rate: the step is ``-lr`` times the (momentum) direction."""
