@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._optimizer import ACCUMULATION_ARGS_DOC, FusedAccumOptimizer
-from .backends import Backend, StepBatch
+from .backends import AdamHyperparams, Backend, StepBatch
 
 _ACCUMULATION_DOC = r"""
     **Accumulation.** Each parameter has a persistent fp32 accumulation buffer (fp64
@@ -199,15 +199,16 @@ class FusedAccumAdam(FusedAccumOptimizer):
         window_scalars: torch.Tensor | None,
     ) -> None:
         states = [self.state[p] for p in batch.params]
-        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
-        lr = float(group["lr"])
+        hyper = AdamHyperparams.from_group(group)
         device_steps = window_scalars is not None and self._loss_scale is not None
         if device_steps:
             # bias corrections of the device's step count, in float64 as the host's
             step = 1  # unused by the kernels
             applied = 1 - window_scalars[0]
             count = states[0]["step"].double() + applied
-            corrections = torch.stack([lr / (1 - beta1**count), (1 - beta2**count).sqrt()])
+            corrections = torch.stack(
+                [hyper.lr / (1 - hyper.beta1**count), (1 - hyper.beta2**count).sqrt()]
+            )
             batch.device_scalars = torch.cat([window_scalars, corrections])
         else:
             step = state_key + 1
@@ -216,23 +217,16 @@ class FusedAccumAdam(FusedAccumOptimizer):
                 scalars[:2] = window_scalars
                 # fill_ passes the value to a kernel; item assignment would copy it from
                 # pageable host memory, a blocking upload
-                scalars[2].fill_(lr / (1 - beta1**step))
-                scalars[3].fill_((1 - beta2**step) ** 0.5)
+                scalars[2].fill_(hyper.lr / (1 - hyper.beta1**step))
+                scalars[3].fill_((1 - hyper.beta2**step) ** 0.5)
                 batch.device_scalars = scalars
         backend.adam_step(
             batch,
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
-            [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else None,
+            [state["max_exp_avg_sq"] for state in states] if hyper.amsgrad else None,
+            hyper,
             step=step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
         )
         if device_steps:
             self._accumulation.advance_counts(batch.params, "step", applied.float())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._optimizer import ACCUMULATION_ARGS_DOC, FusedAccumOptimizer
-from .backends import Backend, StepBatch
+from .backends import Backend, SgdHyperparams, StepBatch
 
 
 class FusedAccumSGD(FusedAccumOptimizer):
@@ -148,25 +148,20 @@ class FusedAccumSGD(FusedAccumOptimizer):
         state_key: Hashable,
         window_scalars: torch.Tensor | None,
     ) -> None:
-        momentum = group["momentum"]
+        hyper = SgdHyperparams.from_group(group)
         init_momentum = bool(state_key)
         batch.device_scalars = window_scalars
         # A first update that is skipped must leave the momentum to be initialised by
         # the next one; with dampening that is another formula, so here (the first
         # update of SGD with dampening and loss scaling, only) the flag is read on the host.
-        first_may_skip = init_momentum and group["dampening"] != 0 and self._loss_scale is not None
+        first_may_skip = init_momentum and hyper.dampening != 0 and self._loss_scale is not None
         if first_may_skip and bool(window_scalars[0] != 0):
             for param in batch.params:
                 del self.state[param]["momentum_buffer"]
             return
         backend.sgd_step(
             batch,
-            [self.state[p]["momentum_buffer"] for p in batch.params] if momentum else None,
-            lr=float(group["lr"]),
-            momentum=momentum,
-            dampening=group["dampening"],
-            weight_decay=float(group["weight_decay"]),
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
+            [self.state[p]["momentum_buffer"] for p in batch.params] if hyper.momentum else None,
+            hyper,
             init_momentum=init_momentum,
         )

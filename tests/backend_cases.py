@@ -12,7 +12,7 @@ import torch
 
 from fused_accum._storage import FlatGroup
 from fused_accum.backends.reference import ReferenceBackend
-from fused_accum.backends.spec import StepBatch
+from fused_accum.backends.spec import AdamHyperparams, SgdHyperparams, StepBatch
 
 REFERENCE = ReferenceBackend()
 
@@ -205,9 +205,8 @@ def run_sgd(
         implementation.sgd_step(
             target.batch(use_buffer, grads, scalars=scalars, grad_stats=target.stats(stats)),
             target.states("momentum_buffer") if flags["momentum"] else None,
-            lr=0.1,
+            SgdHyperparams(lr=0.1, **flags),
             init_momentum=init_momentum,
-            **flags,
         )
     case.assert_matches(reference)
 
@@ -240,12 +239,8 @@ def run_adam(
             target.states("exp_avg"),
             target.states("exp_avg_sq"),
             target.states("max_exp_avg_sq") if flags["amsgrad"] else None,
+            AdamHyperparams(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, **flags),
             step=step,
-            lr=0.01,
-            beta1=0.9,
-            beta2=0.99,
-            eps=1e-8,
-            **flags,
         )
     case.assert_matches(reference)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import make_dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
 from backend_cases import run_accumulate, run_adam, run_found_inf, run_sgd, step_cases
 
-from fused_accum import FusedAccumAdamW, FusedAccumSGD
+from fused_accum import FusedAccumAdamW, FusedAccumSGD, backends
 from fused_accum.backends import compiled, resolve_backend
 
 SHAPES = [(1,), (31, 33), (70001,), (0,)]  # 70001: more than two chunks of 2**15
@@ -195,3 +197,77 @@ def test_ops_trace_under_torch_compile(device):
     _backend(device)  # loads the extension and its fakes
     fold_twice(buffer, grad)
     torch.testing.assert_close(buffer, 0.75 * grad)
+
+
+def _extension_or_skip() -> None:
+    """Skip without the extension (its schemas are what these tests check), unless CI
+    expects it."""
+    error = compiled._load()
+    if error is not None and os.environ.get("FUSED_ACCUM_EXPECT_COMPILED") != "1":
+        pytest.skip(f"the extension is not built ({error})")
+
+
+# SgdHyperparams with momentum and dampening in each other's place: to the check, as if
+# the ops had been built with them swapped
+_SWAPPED_SGD = make_dataclass(
+    "SgdHyperparams", ["lr", "dampening", "momentum", "weight_decay", "nesterov", "maximize"]
+)
+
+
+def test_the_ops_take_the_hyperparameters_in_the_records_order():
+    _extension_or_skip()
+    assert compiled.schema_mismatch(torch.ops.fused_accum) is None
+    assert compiled._schema_error is None
+
+
+def test_a_record_out_of_order_with_the_ops_is_a_clear_error(monkeypatch):
+    _extension_or_skip()
+    leading, _ = compiled._STEP_ARGUMENTS["sgd_step"]
+    monkeypatch.setitem(compiled._STEP_ARGUMENTS, "sgd_step", (leading, _SWAPPED_SGD))
+    message = compiled.schema_mismatch(torch.ops.fused_accum)
+    assert message == (
+        "the compiled kernels do not match this fused_accum (argument 9 of "
+        "fused_accum::sgd_step is 'momentum' but the call passes SgdHyperparams.dampening "
+        "there; argument 10 of fused_accum::sgd_step is 'dampening' but the call passes "
+        "SgdHyperparams.momentum there): they were built from other sources; rebuild them "
+        "(reinstall fused_accum, see README.md)"
+    )
+
+
+def test_another_library_of_older_schemas_is_refused():
+    """Another library of the ops (the tests give the emulator's) is checked when given:
+    here one whose adam_step takes beta2 before beta1."""
+    _extension_or_skip()
+    ops = torch.ops.fused_accum
+    schema = str(ops.adam_step.default._schema)
+    stale = schema.replace("float beta1, float beta2", "float beta2, float beta1")
+    assert stale != schema
+    older = SimpleNamespace(
+        sgd_step=ops.sgd_step,
+        adam_step=SimpleNamespace(default=SimpleNamespace(_schema=torch._C.parse_schema(stale))),
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"argument 12 of fused_accum::adam_step is 'beta2' but the call passes "
+        r"AdamHyperparams.beta1 there; .* rebuild them",
+    ):
+        compiled.CompiledBackend("older", ops=older)
+    compiled.CompiledBackend("same", ops=ops)  # the same schemas pass
+
+
+def test_a_mismatch_found_at_load_makes_the_kernels_unavailable(monkeypatch):
+    """Found when the extension is loaded: "auto" falls back with a notice that says
+    why, an explicit request raises it; the ops are never called with shifted values."""
+    _extension_or_skip()
+    leading, _ = compiled._STEP_ARGUMENTS["sgd_step"]
+    monkeypatch.setitem(compiled._STEP_ARGUMENTS, "sgd_step", (leading, _SWAPPED_SGD))
+    monkeypatch.setattr(compiled, "_loaded", False)  # load again (the import is cached)
+    monkeypatch.setattr(compiled, "_schema_error", None)
+    monkeypatch.setattr(compiled, "_register_fakes", lambda: None)  # registered already
+    monkeypatch.setattr(backends, "_noticed", set())
+    reason = compiled.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "SgdHyperparams.dampening" in reason
+    with pytest.warns(UserWarning, match=r"cpu: the compiled kernels do not match .* reference"):
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32).name == "torch"
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run .* rebuild them"):
+        resolve_backend("cpu", torch.device("cpu"), torch.float32)

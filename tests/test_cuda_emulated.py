@@ -24,7 +24,7 @@ from backend_cases import (
 )
 from cuda_emulation import emulated_backend, emulated_ops
 
-from fused_accum.backends.spec import StepBatch
+from fused_accum.backends.spec import AdamHyperparams, SgdHyperparams, StepBatch
 
 CHUNK = 65536  # elements per block (csrc/cuda/multi_tensor.cuh)
 MAX_BLOCKS = 320  # blocks per launch
@@ -167,9 +167,11 @@ def test_operands_not_16_byte_aligned(dtype):
         stats = torch.zeros(len(shapes), 4)
         batch = StepBatch(params=params, buffers=expected, grads=grads, use_buffer=True,
                           normaliser=0.25, grad_weight=0.5, grad_stats=stats)  # fmt: skip
-        backend.adam_step(batch, *states, step=2, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8,
-                          weight_decay=0.1, decoupled_weight_decay=True, amsgrad=True,
-                          maximize=False)  # fmt: skip
+        hyper = AdamHyperparams(
+            lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+            decoupled_weight_decay=True, amsgrad=True, maximize=False,
+        )  # fmt: skip
+        backend.adam_step(batch, *states, hyper, step=2)
         outputs[backend.name] = (params, states, stats)
     (params, states, stats), (ref_params, ref_states, ref_stats) = outputs.values()
     for index, (param, reference) in enumerate(zip(params, ref_params, strict=True)):
@@ -200,9 +202,9 @@ def test_sums_repeat_whatever_order_the_blocks_run_in(order):
         stats = torch.zeros(len(shapes), 4)
         batch = StepBatch(params=params, buffers=buffers, grads=grads, use_buffer=True,
                           normaliser=0.5, grad_weight=0.3, grad_stats=stats)  # fmt: skip
-        emulated_backend().sgd_step(batch, None, lr=0.1, momentum=0.0, dampening=0.0,
-                                    weight_decay=0.0, nesterov=False, maximize=False,
-                                    init_momentum=False)  # fmt: skip
+        hyper = SgdHyperparams(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                               nesterov=False, maximize=False)  # fmt: skip
+        emulated_backend().sgd_step(batch, None, hyper, init_momentum=False)
         results.append([*sums, stats, *params])
     for first, second in zip(*results, strict=True):
         assert torch.equal(first, second)

@@ -15,7 +15,7 @@ import torch
 from backend_cases import ADAM_FLAGS, REFERENCE, SGD_FLAGS, Case
 from helpers import CPU_BACKENDS
 
-from fused_accum.backends import resolve_backend
+from fused_accum.backends import AdamHyperparams, SgdHyperparams, resolve_backend
 
 # Backends whose sums repeat bit for bit, with the devices to check them on; others
 # join here as they do. On CPU a backend that cannot run is skipped with the reason
@@ -81,15 +81,14 @@ def test_accumulate_sums_repeat_bit_for_bit(name, device):
 
 
 def _sgd(implementation, run: Case, batch) -> None:
-    implementation.sgd_step(
-        batch, run.states("momentum_buffer"), lr=0.1, init_momentum=False, **SGD_FLAGS[1]
-    )
+    hyper = SgdHyperparams(lr=0.1, **SGD_FLAGS[1])
+    implementation.sgd_step(batch, run.states("momentum_buffer"), hyper, init_momentum=False)
 
 
 def _adam(implementation, run: Case, batch) -> None:
     implementation.adam_step(
         batch, run.states("exp_avg"), run.states("exp_avg_sq"), None,
-        step=3, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, **ADAM_FLAGS[2],
+        AdamHyperparams(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, **ADAM_FLAGS[2]), step=3,
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from backend_cases import (
 )
 
 from fused_accum import FusedAccumAdam, FusedAccumAdamW, FusedAccumSGD
+from fused_accum.backends.spec import SgdHyperparams
 from fused_accum.backends.triton_backend import unavailable_reason
 from fused_accum.backends.triton_tables import interpreter_active
 
@@ -146,7 +147,7 @@ def test_grad_stats_maximum_lets_nan_win(backend, device, skip):
         target.grad_stats = initial.clone()
         implementation.sgd_step(
             target.batch(True, grads, scalars=scalars, grad_stats=target.grad_stats),
-            None, lr=0.1, init_momentum=False, **SGD_FLAGS[0],
+            None, SgdHyperparams(lr=0.1, **SGD_FLAGS[0]), init_momentum=False,
         )  # fmt: skip
     ours, expected = case.grad_stats, reference.grad_stats
     reference.grad_stats = None  # compared here, NaN included

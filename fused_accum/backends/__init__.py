@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from .reference import ReferenceBackend
-from .spec import Backend, StepBatch
+from .spec import AdamHyperparams, Backend, SgdHyperparams, StepBatch
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
 
@@ -97,4 +97,12 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     return _instance(name)
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "StepBatch", "check_backend_name", "resolve_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "AdamHyperparams",
+    "Backend",
+    "SgdHyperparams",
+    "StepBatch",
+    "check_backend_name",
+    "resolve_backend",
+]

@@ -1,23 +1,31 @@
 """The compiled backends: the ops of csrc/ (torch.ops.fused_accum.*), CPU and CUDA.
 
 The extension fused_accum._C is imported on first use, never at package import; a
-build without a compiler or toolkit leaves it out and these backends unavailable.
+build without a compiler or toolkit leaves it out and these backends unavailable. So
+does a build whose step ops take other arguments than the calls here pass (a build from
+older sources): the hyperparameters go positionally, in the order of the records'
+fields, and are checked against the schemas once, when the extension is loaded.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+from itertools import zip_longest
+
 import torch
 
 from .layout import like_buffer, write_back
-from .spec import StepBatch
+from .spec import AdamHyperparams, SgdHyperparams, StepBatch
 
 _import_error: str | None = None
+_schema_error: str | None = None  # how the loaded ops disagree with this package's calls
 _loaded = False
 
 
 def _load() -> str | None:
-    """Import the extension once; return why it failed, or None."""
-    global _import_error, _loaded
+    """Import the extension once and check its schemas; return why the import failed,
+    or None."""
+    global _import_error, _schema_error, _loaded
     if not _loaded:
         try:
             from .. import _C  # noqa: F401  (registers the ops)
@@ -25,8 +33,52 @@ def _load() -> str | None:
             _import_error = str(error)
         else:
             _register_fakes()
+            _schema_error = schema_mismatch(torch.ops.fused_accum)
         _loaded = True
     return _import_error
+
+
+# The step ops take their hyperparameters positionally: after these arguments, the
+# fields of the record, in order. CompiledBackend's calls pass them so.
+_STEP_ARGUMENTS = {
+    "sgd_step": (
+        ("params", "buffers", "grads", "momentum_buffers", "masters", "use_buffer",
+         "normaliser", "grad_weight"),
+        SgdHyperparams,
+    ),
+    "adam_step": (
+        ("params", "buffers", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters",
+         "use_buffer", "normaliser", "grad_weight", "step"),
+        AdamHyperparams,
+    ),
+}  # fmt: skip
+
+
+def schema_mismatch(ops) -> str | None:
+    """Where the step ops of the library ``ops`` (a torch.ops namespace) take other
+    arguments than the calls pass, up to the last hyperparameter; None if nowhere. A
+    build from older sources would otherwise get, say, momentum as dampening."""
+    problems = []
+    for op_name, (leading, record) in _STEP_ARGUMENTS.items():
+        schema = getattr(ops, op_name).default._schema
+        expected = [*leading, *(field.name for field in fields(record))]
+        actual = [argument.name for argument in schema.arguments][: len(expected)]
+        for position, (passed, taken) in enumerate(zip_longest(expected, actual)):
+            if passed != taken:
+                if position >= len(leading):
+                    passed = f"{record.__name__}.{passed}"
+                taken = "missing" if taken is None else repr(taken)
+                problems.append(
+                    f"argument {position} of {schema.name} is {taken} but the call passes "
+                    f"{passed} there"
+                )
+    if not problems:
+        return None
+    return (
+        f"the compiled kernels do not match this fused_accum ({'; '.join(problems)}): "
+        f"they were built from other sources; rebuild them (reinstall fused_accum, see "
+        f"README.md)"
+    )
 
 
 def _register_fakes() -> None:
@@ -47,6 +99,8 @@ def unavailable_reason(device: torch.device) -> str | None:
             f"the compiled kernels are not built ({error}); reinstall fused_accum on a "
             f"machine with a C++ compiler (see README.md)"
         )
+    if _schema_error is not None:
+        return _schema_error
     if device.type not in ("cpu", "cuda"):
         return f"there are no compiled kernels for {device.type} tensors"
     key = "CUDA" if device.type == "cuda" else "CPU"
@@ -73,7 +127,13 @@ class CompiledBackend:
 
     def __init__(self, name: str, ops=None) -> None:
         self.name = name
-        self._ops = torch.ops.fused_accum if ops is None else ops
+        if ops is None:
+            ops = torch.ops.fused_accum  # checked when loaded (unavailable_reason)
+        else:
+            mismatch = schema_mismatch(ops)
+            if mismatch is not None:
+                raise RuntimeError(mismatch)
+        self._ops = ops
 
     def accumulate(
         self,
@@ -115,21 +175,15 @@ class CompiledBackend:
         self,
         batch: StepBatch,
         momentum_buffers: list[torch.Tensor] | None,
+        hyper: SgdHyperparams,
         *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        maximize: bool,
         init_momentum: bool,
     ) -> None:
         self._step(
             self._ops.sgd_step, batch, momentum_buffers or [], batch.masters or [],
-            batch.use_buffer,
-            float(batch.normaliser), float(batch.grad_weight), float(lr), float(momentum),
-            float(dampening), float(weight_decay), nesterov, maximize, init_momentum,
-            _seed(batch), batch.device_scalars, batch.grad_stats,
+            batch.use_buffer, float(batch.normaliser), float(batch.grad_weight),
+            *hyper.as_tuple(), init_momentum, _seed(batch), batch.device_scalars,
+            batch.grad_stats,
         )  # fmt: skip
 
     def adam_step(
@@ -138,22 +192,13 @@ class CompiledBackend:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         max_exp_avg_sqs: list[torch.Tensor] | None,
+        hyper: AdamHyperparams,
         *,
         step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled_weight_decay: bool,
-        amsgrad: bool,
-        maximize: bool,
     ) -> None:
         self._step(
             self._ops.adam_step, batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [],
             batch.masters or [], batch.use_buffer, float(batch.normaliser),
-            float(batch.grad_weight), int(step), float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay),
-            decoupled_weight_decay, amsgrad, maximize, _seed(batch), batch.device_scalars,
-            batch.grad_stats,
+            float(batch.grad_weight), int(step), *hyper.as_tuple(), _seed(batch),
+            batch.device_scalars, batch.grad_stats,
         )  # fmt: skip

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .._sums import sum_in_fixed_order
-from .spec import StepBatch
+from .spec import AdamHyperparams, SgdHyperparams, StepBatch
 
 
 def _applied_gradient(batch: StepBatch, index: int) -> torch.Tensor:
@@ -150,35 +150,30 @@ class ReferenceBackend:
         self,
         batch: StepBatch,
         momentum_buffers: list[torch.Tensor] | None,
+        hyper: SgdHyperparams,
         *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        maximize: bool,
         init_momentum: bool,
     ) -> None:
-        written = _written(batch, momentum_buffers if momentum != 0 else None)
+        written = _written(batch, momentum_buffers if hyper.momentum != 0 else None)
         with _unless_skipped(batch, written):
             for i in range(len(batch.params)):
                 grad = _applied_gradient(batch, i)
-                if maximize:
+                if hyper.maximize:
                     grad = grad.neg_()
                 working = _working_copy(batch, i, grad.dtype)
-                if weight_decay != 0:
-                    grad = grad.add(working, alpha=weight_decay)
-                if momentum != 0:
+                if hyper.weight_decay != 0:
+                    grad = grad.add(working, alpha=hyper.weight_decay)
+                if hyper.momentum != 0:
                     momentum_buffer = momentum_buffers[i]
                     if init_momentum:
                         momentum_buffer.copy_(grad)
                     else:
-                        momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-                    if nesterov:
-                        grad = grad.add(momentum_buffer, alpha=momentum)
+                        momentum_buffer.mul_(hyper.momentum).add_(grad, alpha=1 - hyper.dampening)
+                    if hyper.nesterov:
+                        grad = grad.add(momentum_buffer, alpha=hyper.momentum)
                     else:
                         grad = momentum_buffer
-                working.add_(grad, alpha=-lr)
+                working.add_(grad, alpha=-hyper.lr)
                 _store(batch, i, working)
 
     def adam_step(
@@ -187,45 +182,38 @@ class ReferenceBackend:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         max_exp_avg_sqs: list[torch.Tensor] | None,
+        hyper: AdamHyperparams,
         *,
         step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled_weight_decay: bool,
-        amsgrad: bool,
-        maximize: bool,
     ) -> None:
         if batch.device_scalars is None:
-            step_size = lr / (1 - beta1**step)
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            step_size = hyper.lr / (1 - hyper.beta1**step)
+            bias_correction2_sqrt = (1 - hyper.beta2**step) ** 0.5
         else:
             dtype = batch.buffers[0].dtype
             step_size = batch.device_scalars[2].to(dtype)
             bias_correction2_sqrt = batch.device_scalars[3].to(dtype)
-        written = _written(batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None)
+        written = _written(batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else None)
         with _unless_skipped(batch, written):
             for i in range(len(batch.params)):
                 grad = _applied_gradient(batch, i)
-                if maximize:
+                if hyper.maximize:
                     grad = grad.neg_()
                 working = _working_copy(batch, i, grad.dtype)
-                if weight_decay != 0:
-                    if decoupled_weight_decay:
-                        working.mul_(1 - lr * weight_decay)
+                if hyper.weight_decay != 0:
+                    if hyper.decoupled_weight_decay:
+                        working.mul_(1 - hyper.lr * hyper.weight_decay)
                     else:
-                        grad = grad.add(working, alpha=weight_decay)
+                        grad = grad.add(working, alpha=hyper.weight_decay)
                 exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if amsgrad:
+                exp_avg.lerp_(grad, 1 - hyper.beta1)
+                exp_avg_sq.mul_(hyper.beta2).addcmul_(grad, grad, value=1 - hyper.beta2)
+                if hyper.amsgrad:
                     second_moment = max_exp_avg_sqs[i]
                     torch.maximum(second_moment, exp_avg_sq, out=second_moment)
                 else:
                     second_moment = exp_avg_sq
-                denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+                denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(hyper.eps)
                 if isinstance(step_size, torch.Tensor):
                     # addcdiv_ takes a number only; on CPU it rounds (value * t1) / t2,
                     # and so does this

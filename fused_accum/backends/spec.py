@@ -15,7 +15,8 @@ load, parameters are rounded once on store.
     ``grad_sum_sq`` (likewise) is given, the sum of the squares of the gradients as
     given (widened to fp32, before ``scale``) is added to it: a micro-step's norm.
 
-``sgd_step(batch, momentum_buffers, ...)`` and ``adam_step(batch, ...)``
+``sgd_step(batch, momentum_buffers, hyper, *, init_momentum)`` and
+``adam_step(batch, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper, *, step)``
     Apply one update to each parameter of ``batch`` from its applied gradient
 
         g = (buffer  (if batch.use_buffer)  +  grad_weight * grad  (if batch.grads)) * normaliser
@@ -38,6 +39,14 @@ load, parameters are rounded once on store.
     With ``batch.device_scalars`` (see there) the update reads its skip flag, gradient
     factor and, for Adam, bias corrections from device memory, so that no host
     synchronisation is needed to decide them.
+
+    ``hyper`` holds the param group's hyperparameters, one typed record per algorithm
+    (``SgdHyperparams``, ``AdamHyperparams``) whose fields are, in order, the
+    hyperparameter arguments of the compiled ops' schemas (csrc/op_schemas.h): the
+    compiled backend passes them positionally and checks the order when it loads the
+    ops. What changes from update to update stays a keyword: ``init_momentum`` (the
+    first update with momentum: the momentum buffer is set to the gradient, not
+    blended into) and ``step`` (Adam's step count, from 1, for the bias corrections).
 
     The buffers are left as they are: after an update their contents are dead, and
     the first contribution of the next window overwrites them (``overwrite=True``), so
@@ -100,6 +109,105 @@ class StepBatch:
     alone. Any order of summation."""
 
 
+@dataclass(frozen=True, slots=True)
+class SgdHyperparams:
+    """torch.optim.SGD's hyperparameters of a param group, as Python floats and bools.
+    The fields are, in order, the hyperparameter arguments of the ``sgd_step`` op's
+    schema: the compiled backend passes ``as_tuple()`` there, and checks the names
+    when it loads the ops."""
+
+    lr: float
+    """Learning rate: the step is ``-lr`` times the (momentum) direction."""
+    momentum: float
+    """Momentum factor; 0 for plain SGD (no momentum buffer)."""
+    dampening: float
+    """Dampening of momentum: the gradient enters the buffer times ``1 - dampening``."""
+    weight_decay: float
+    """L2 penalty: ``weight_decay * param`` is added to the gradient."""
+    nesterov: bool
+    """Nesterov momentum: step along ``g + momentum * buffer`` instead of the buffer."""
+    maximize: bool
+    """Maximise the objective: the gradient is negated first."""
+
+    @classmethod
+    def from_group(cls, group: dict) -> SgdHyperparams:
+        """The record of a torch.optim param group (``lr`` may be a one-element tensor)."""
+        return cls(
+            lr=float(group["lr"]),
+            momentum=float(group["momentum"]),
+            dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    def as_tuple(self) -> tuple[float, float, float, float, bool, bool]:
+        """The fields in order, for the op's positional arguments (``dataclasses.astuple``
+        deep-copies: too slow for every update)."""
+        return (
+            self.lr,
+            self.momentum,
+            self.dampening,
+            self.weight_decay,
+            self.nesterov,
+            self.maximize,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AdamHyperparams:
+    """torch.optim.Adam/AdamW's hyperparameters of a param group, as Python floats and
+    bools. The fields are, in order, the hyperparameter arguments of the ``adam_step``
+    op's schema, as for ``SgdHyperparams``."""
+
+    lr: float
+    """Learning rate."""
+    beta1: float
+    """Decay of the first moment (``betas[0]``)."""
+    beta2: float
+    """Decay of the second moment (``betas[1]``)."""
+    eps: float
+    """Added to the bias-corrected root of the second moment, for stability."""
+    weight_decay: float
+    """Weight decay: an L2 penalty on the gradient, or with ``decoupled_weight_decay``
+    the parameter shrunk by ``1 - lr * weight_decay``."""
+    decoupled_weight_decay: bool
+    """AdamW's decoupled weight decay instead of Adam's L2 penalty."""
+    amsgrad: bool
+    """Normalise by the running maximum of the second moment (``max_exp_avg_sq``)."""
+    maximize: bool
+    """Maximise the objective: the gradient is negated first."""
+
+    @classmethod
+    def from_group(cls, group: dict) -> AdamHyperparams:
+        """The record of a torch.optim param group (``lr`` and ``betas`` may be
+        one-element tensors)."""
+        beta1, beta2 = group["betas"]
+        return cls(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    def as_tuple(self) -> tuple[float, float, float, float, float, bool, bool, bool]:
+        """The fields in order, for the op's positional arguments."""
+        return (
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.decoupled_weight_decay,
+            self.amsgrad,
+            self.maximize,
+        )
+
+
 def stochastic_noise_reference(index: int, seed: int) -> int:
     """The 32-bit hash behind stochastic rounding (murmur3's finaliser of
     index * 0x9E3779B1 + seed, all mod 2**32), in plain Python: the definition every
@@ -136,13 +244,8 @@ class Backend(Protocol):
         self,
         batch: StepBatch,
         momentum_buffers: list[torch.Tensor] | None,
+        hyper: SgdHyperparams,
         *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        maximize: bool,
         init_momentum: bool,
     ) -> None: ...
 
@@ -152,14 +255,7 @@ class Backend(Protocol):
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         max_exp_avg_sqs: list[torch.Tensor] | None,
+        hyper: AdamHyperparams,
         *,
         step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled_weight_decay: bool,
-        amsgrad: bool,
-        maximize: bool,
     ) -> None: ...

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .spec import StepBatch
+from .spec import AdamHyperparams, SgdHyperparams, StepBatch
 from .triton_tables import Tables, _flat_base, _Layout, _Operand, interpreter_active
 
 
@@ -91,15 +91,13 @@ def _tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-def _bias_corrections(
-    batch: StepBatch, *, step: int, lr: float, beta1: float, beta2: float
-) -> tuple[float, float]:
+def _bias_corrections(batch: StepBatch, hyper: AdamHyperparams, step: int) -> tuple[float, float]:
     """Adam's step size and sqrt of the second bias correction from ``step``; with
     device scalars the kernel reads both from there instead (and ``step`` need not
     be meaningful), so the arguments are placeholders."""
     if batch.device_scalars is not None:
         return 0.0, 1.0
-    return float(lr / (1 - beta1**step)), float((1 - beta2**step) ** 0.5)
+    return float(hyper.lr / (1 - hyper.beta1**step)), float((1 - hyper.beta2**step) ** 0.5)
 
 
 class TritonBackend:
@@ -263,13 +261,8 @@ class TritonBackend:
         self,
         batch: StepBatch,
         momentum_buffers: list[torch.Tensor] | None,
+        hyper: SgdHyperparams,
         *,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        weight_decay: float,
-        nesterov: bool,
-        maximize: bool,
         init_momentum: bool,
     ) -> None:
         if not batch.params:
@@ -291,17 +284,17 @@ class TritonBackend:
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),
-            float(lr),
-            float(momentum),
-            float(1 - dampening),
-            float(weight_decay),
+            float(hyper.lr),
+            float(hyper.momentum),
+            float(1 - hyper.dampening),
+            float(hyper.weight_decay),
             batch.rounding_seed or 0,
             **self._common_constexprs(batch),
-            HAS_WEIGHT_DECAY=weight_decay != 0,
-            HAS_MOMENTUM=momentum != 0,
+            HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
+            HAS_MOMENTUM=hyper.momentum != 0,
             INIT_MOMENTUM=init_momentum,
-            NESTEROV=nesterov,
-            MAXIMIZE=maximize,
+            NESTEROV=hyper.nesterov,
+            MAXIMIZE=hyper.maximize,
         )
         self._finalize_stats(batch, layout, partials)
         params.write_back()
@@ -312,16 +305,9 @@ class TritonBackend:
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         max_exp_avg_sqs: list[torch.Tensor] | None,
+        hyper: AdamHyperparams,
         *,
         step: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled_weight_decay: bool,
-        amsgrad: bool,
-        maximize: bool,
     ) -> None:
         if not batch.params:
             return
@@ -344,19 +330,19 @@ class TritonBackend:
             *layout.args(),
             float(batch.normaliser),
             float(batch.grad_weight),
-            float(1 - beta1),
-            float(beta2),
-            float(1 - beta2),
-            float(eps),
-            float(weight_decay),
-            float(1 - lr * weight_decay),
-            *_bias_corrections(batch, step=step, lr=lr, beta1=beta1, beta2=beta2),
+            float(1 - hyper.beta1),
+            float(hyper.beta2),
+            float(1 - hyper.beta2),
+            float(hyper.eps),
+            float(hyper.weight_decay),
+            float(1 - hyper.lr * hyper.weight_decay),
+            *_bias_corrections(batch, hyper, step),
             batch.rounding_seed or 0,
             **self._common_constexprs(batch),
-            HAS_WEIGHT_DECAY=weight_decay != 0,
-            DECOUPLED=decoupled_weight_decay,
-            AMSGRAD=amsgrad,
-            MAXIMIZE=maximize,
+            HAS_WEIGHT_DECAY=hyper.weight_decay != 0,
+            DECOUPLED=hyper.decoupled_weight_decay,
+            AMSGRAD=hyper.amsgrad,
+            MAXIMIZE=hyper.maximize,
         )
         self._finalize_stats(batch, layout, partials)
         params.write_back()

@@ -175,8 +175,15 @@ def _sweep_providers(op: str, elements: int, dtype: torch.dtype, device: str):
     # torch keeps state in the parameter's dtype: for bf16 that is fewer bytes
     torch_bytes = modelled if dtype == torch.float32 else None
     yield "torch fused", torch_opt.step, torch_bytes
-    from ..backends.spec import StepBatch
+    from ..backends.spec import AdamHyperparams, SgdHyperparams, StepBatch
 
+    adam = AdamHyperparams(
+        lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled_weight_decay=True,
+        amsgrad=False, maximize=False,
+    )  # fmt: skip
+    sgd = SgdHyperparams(
+        lr=LR, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False
+    )
     for name in our_backends(device, dtype):
         backend = resolve_backend(name, torch.device(device), dtype)
         states = [torch.zeros(elements, device=device) for _ in range(2)]
@@ -186,14 +193,12 @@ def _sweep_providers(op: str, elements: int, dtype: torch.dtype, device: str):
         )  # fmt: skip
         if optimizer == "adamw":
             run = lambda b=backend, s=states, q=batch: b.adam_step(  # noqa: E731
-                q, [s[0]], [s[1]], None, step=3, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
-                weight_decay=0.01, decoupled_weight_decay=True, amsgrad=False, maximize=False,
-            )  # fmt: skip
+                q, [s[0]], [s[1]], None, adam, step=3
+            )
         else:
             run = lambda b=backend, s=states, q=batch: b.sgd_step(  # noqa: E731
-                q, [s[0]], lr=LR, momentum=0.9, dampening=0.0, weight_decay=0.0,
-                nesterov=False, maximize=False, init_momentum=False,
-            )  # fmt: skip
+                q, [s[0]], sgd, init_momentum=False
+            )
         yield f"fused_accum[{name}]", run, modelled
 
 
