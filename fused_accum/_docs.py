@@ -6,8 +6,9 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             ``"cuda"``; an explicit one that cannot serve a group raises an error.
         accumulate_in_backward: fold each gradient into its buffer during backward, as
             soon as autograd produces it (in buckets of up to 32 MiB, one launch
-            each), and free it, so the whole model's ``.grad`` never exists at once. step() then only counts and applies; give a
-            micro-batch's weight with :meth:`set_weight` before its backward.
+            each), and free it, so the whole model's ``.grad`` never exists at once.
+            step() then only counts and applies; give a micro-batch's weight with
+            :meth:`set_weight` before its backward.
         master_weights: keep an fp32 master copy of every bf16/fp16 parameter (state
             ``"master_param"``, saved in the state dict): the update is applied to the
             master and the parameter receives it rounded, so that updates smaller than
