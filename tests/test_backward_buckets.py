@@ -77,7 +77,9 @@ def test_buckets_bound_what_is_held_and_change_no_bit(monkeypatch):
         assert sizes[-LAYERS:] == [2] * LAYERS
         if micro_step % 3 == 1:  # mid-window: every sum, bit for bit
             for params in zip(*(m.parameters() for m in models), strict=True):
-                sums = [o._accumulation.buffer_view(p) for o, p in zip(optimizers, params, strict=True)]
+                sums = [
+                    o._accumulation.buffer_view(p) for o, p in zip(optimizers, params, strict=True)
+                ]
                 assert torch.equal(sums[0], sums[1]) and torch.equal(sums[1], sums[2])
     assert len(sizes) == 7 * LAYERS
     for params in zip(*(m.parameters() for m in models), strict=True):
