@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from ._accumulation import AccumulationState
+from ._checkpoint import called_by_checkpoint
 from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
 from ._docs import ACCUMULATION_ARGS_DOC
 from ._grad_stats import GradStatsAccess, GradStatsTracker
@@ -234,6 +235,11 @@ class FusedAccumOptimizer(
 
         Step hooks (``register_step_pre_hook``, ``register_step_post_hook``) run around
         every micro-step, as torch.optim runs them around its step."""
+        if not self.state and called_by_checkpoint("_init_optim_state"):
+            # torch.distributed.checkpoint's dummy step (see _checkpoint.py): the state
+            # it would create, and the window left alone
+            self._create_state_for_checkpoint()
+            return None
         if (
             self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks

@@ -43,6 +43,14 @@ class ParameterChecks:
                     f"{where} has dtype {param.dtype}; only floating-point parameters "
                     f"can be optimized"
                 )
+            if _is_dtensor(param):
+                raise ValueError(
+                    f"{where} is a DTensor ({tuple(param.placements)} on {param.device_mesh}),"
+                    f" as FSDP2's fully_shard and tensor parallelism make them; "
+                    f"{type(self).__name__} does not accumulate DTensor parameters yet: use "
+                    f"torch.optim for a model sharded this way, or shard the data only "
+                    f"(DDP, or process_group=)"
+                )
             if param.layout != torch.strided:
                 raise ValueError(
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
@@ -87,3 +95,15 @@ class ParameterChecks:
             for name in self._count_state_names:
                 if isinstance(state.get(name), torch.Tensor):
                     state[name] = self._count_view(param, name)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a torch.distributed DTensor (never, where torch has no
+    distributed support)."""
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
+        return False  # the common case, without importing torch.distributed.tensor
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._accumulation import AccumulationState
+from ._checkpoint import called_by_checkpoint, partial_window_refused
 
 
 class StateDictMixin:
@@ -32,6 +33,10 @@ class StateDictMixin:
         folded part of it), so that a run stopped mid-window, even between a backward
         and its step(), resumes exactly."""
         self._fold_held()  # what backward took is in the window (a failed backward's too)
+        accumulation = self._accumulation
+        partial = accumulation.window_micro_steps or self._folded_since_step
+        if partial and called_by_checkpoint("_get_optim_state_dict"):
+            raise RuntimeError(partial_window_refused(accumulation.window_micro_steps))
         state_dict = super().state_dict()
         accumulation = self._accumulation
         state_dict["accumulation"] = {

@@ -171,9 +171,25 @@ class WindowUpdate:
         scalars = torch.stack([skip, factor]).double()
         return {device: scalars.to(device) for device in devices}
 
-    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+    def _create_state_for_checkpoint(self) -> None:
+        """Every parameter's state as its first update would create it (and its master
+        copy), without a micro-step: what torch.distributed.checkpoint's dummy step is
+        for, so that a load has tensors to load into. Nothing an update reads changes:
+        new state is zero, and a momentum made here is still started by the first
+        update (``_momentum_not_started``)."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.requires_grad:
+                    self._prepare_state(group, param, for_checkpoint=True)
+                    self._master_param(param)
+
+    def _prepare_state(
+        self, group: dict[str, Any], param: torch.Tensor, for_checkpoint: bool = False
+    ) -> Hashable:
         """Create ``param``'s state if it has none yet (as torch.optim does, at its
-        first update) and return what, besides the group, its update depends on."""
+        first update) and return what, besides the group, its update depends on.
+        ``for_checkpoint``: created ahead of the first update (see
+        ``_create_state_for_checkpoint``)."""
         raise NotImplementedError
 
     def _step_batch(

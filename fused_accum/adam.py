@@ -153,7 +153,9 @@ class FusedAccumAdam(FusedAccumOptimizer):
             "decoupled_weight_decay": self.defaults["decoupled_weight_decay"],
         }
 
-    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+    def _prepare_state(
+        self, group: dict[str, Any], param: torch.Tensor, for_checkpoint: bool = False
+    ) -> Hashable:
         state = self.state[param]
         if "step" not in state:
             state["step"] = self._count_view(param, "step")

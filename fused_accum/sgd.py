@@ -108,6 +108,8 @@ class FusedAccumSGD(FusedAccumOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        # ids of momentum buffers made ahead of the first update (for a checkpoint)
+        self._momentum_not_started: set[int] = set()
         super().__init__(
             params,
             defaults,
@@ -131,14 +133,26 @@ class FusedAccumSGD(FusedAccumOptimizer):
             "fused": None,
         }
 
-    def _prepare_state(self, group: dict[str, Any], param: torch.Tensor) -> Hashable:
+    def _prepare_state(
+        self, group: dict[str, Any], param: torch.Tensor, for_checkpoint: bool = False
+    ) -> Hashable:
         if group["momentum"] == 0:
             return None
         state = self.state[param]
         if state.get("momentum_buffer") is not None:
+            if self._momentum_not_started and id(param) in self._momentum_not_started:
+                self._momentum_not_started.discard(id(param))
+                return True
             return False
         state["momentum_buffer"] = self._new_state_view(param, "momentum_buffer")
+        if for_checkpoint:
+            # made before any update: the first one still starts it from its gradient
+            self._momentum_not_started.add(id(param))
         return True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._momentum_not_started.clear()  # the loaded buffers are what they say
 
     def _step_batch(
         self,

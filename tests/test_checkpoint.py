@@ -1,0 +1,114 @@
+"""torch.distributed.checkpoint (DCP) with the fused_accum optimizers, on one process:
+its dummy step (which creates an empty optimizer's state) must not become a
+micro-step, a checkpoint at a window boundary must resume bit for bit, and a partial
+window, which DCP would drop, must be refused, not lost. DTensor parameters (FSDP2)
+are refused at construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from fused_accum import FusedAccumAdamW, FusedAccumSGD
+
+STEPS = 2
+OPTIMIZERS = {
+    "adamw": lambda params: FusedAccumAdamW(params, lr=0.05, accumulation_steps=STEPS),
+    # dampening: a momentum started from zeros differs from one started by a gradient
+    "sgd": lambda params: FusedAccumSGD(
+        params, lr=0.05, momentum=0.9, dampening=0.5, accumulation_steps=STEPS
+    ),
+}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+def _micro_steps(model, optimizer, first: int, count: int) -> None:
+    for index in range(first, first + count):
+        torch.manual_seed(100 + index)
+        model(torch.randn(6, 5)).square().mean().backward()
+        optimizer.step()
+
+
+def _assert_same_params(model, other) -> None:
+    for param, expected in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_dummy_step_of_a_checkpoint_is_not_a_micro_step(name):
+    model, reference = _model(), _model()
+    optimizer, expected = (
+        OPTIMIZERS[name](model.parameters()),
+        OPTIMIZERS[name](reference.parameters()),
+    )
+    state = get_optimizer_state_dict(model, optimizer)  # an empty optimizer: DCP steps it
+    assert state["state"]  # the state was created, for a load to fill
+    assert optimizer._accumulation.window_micro_steps == 0
+    assert optimizer.update_count == 0
+    _micro_steps(model, optimizer, 0, 3 * STEPS)
+    _micro_steps(reference, expected, 0, 3 * STEPS)
+    _assert_same_params(model, reference)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_partial_window_is_refused_and_kept(name):
+    model, reference = _model(), _model()
+    optimizer, expected = (
+        OPTIMIZERS[name](model.parameters()),
+        OPTIMIZERS[name](reference.parameters()),
+    )
+    _micro_steps(model, optimizer, 0, STEPS + 1)  # one window and a micro-step
+    with pytest.raises(RuntimeError, match=r"drop the 1 micro-step.*flush\(\)"):
+        get_optimizer_state_dict(model, optimizer)
+    assert optimizer._accumulation.window_micro_steps == 1
+    _micro_steps(model, optimizer, STEPS + 1, 2 * STEPS - 1)
+    _micro_steps(reference, expected, 0, 3 * STEPS)
+    _assert_same_params(model, reference)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_at_a_boundary_resumes_bit_for_bit(name, tmp_path):
+    model = _model()
+    optimizer = OPTIMIZERS[name](model.parameters())
+    _micro_steps(model, optimizer, 0, STEPS)
+    assert optimizer.last_step_applied
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp_path)
+    resumed = _model(seed=1)  # other values: everything must come from the checkpoint
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = OPTIMIZERS[name](resumed.parameters())
+    # a fresh optimizer has no state: DCP's template needs it created to load into
+    template = {"optim": get_optimizer_state_dict(resumed, resumed_optimizer)}
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(resumed, resumed_optimizer, template["optim"])
+    _micro_steps(model, optimizer, STEPS, 2 * STEPS)
+    _micro_steps(resumed, resumed_optimizer, STEPS, 2 * STEPS)
+    _assert_same_params(model, resumed)
+
+
+@pytest.fixture
+def one_process_group():
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_dtensor_parameters_are_refused_at_construction(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor.*FSDP2"):
+        FusedAccumAdamW([param], lr=0.1)
