@@ -9,6 +9,7 @@ from collections.abc import Container
 
 import torch
 
+from ._sharded import is_dtensor, local_tensor
 from ._storage import FlatGroup
 from ._sums import SERIAL_BELOW, sum_in_fixed_order
 from .backends import Backend, resolve_backend
@@ -46,6 +47,8 @@ class AccumulationState:
         self._steady_plan: list[tuple[Backend, torch.device, list[int] | None, list]] | None = None
         self.holds_sum: set[int] = set()
         self.adopted: dict[int, torch.Tensor] = {}  # id(param): its gradient, as its buffer
+        # id(param): the shard of a DTensor parameter, as the flat group holds it
+        self.shards: dict[int, torch.Tensor] = {}
         self.adoption = True  # off where the flat buffers themselves are needed (all-reduce)
         self._adopting: set[FlatGroup] = set()  # groups whose backend and dtype allow it
         self.window_micro_steps = 0
@@ -58,8 +61,11 @@ class AccumulationState:
     def add_params(self, params: list[torch.Tensor]) -> set[FlatGroup]:
         """Give each parameter a slice of its group's flat tensors; return the groups
         that grew (their flat tensors are new, so views into them must be remade)."""
+        # a DTensor parameter (FSDP2) is accumulated and updated through its shard
         by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
         for param in params:
+            if is_dtensor(param):
+                self.shards[id(param)] = param._local_tensor
             by_key[(param.device, param.dtype)].append(param)
         grown = set()
         for key, new_params in by_key.items():
@@ -70,16 +76,34 @@ class AccumulationState:
                 if group.accum_dtype == group.param_dtype:  # fp32 and fp64 parameters
                     self._adopting.add(group)
             group = self.groups[key]
+            if any(id(param) in self.shards for param in new_params):
+                # a shard's gradient is a view of FSDP's reduce buffer: never adopted
+                self._adopting.discard(group)
             start = len(group.params)
-            group.add(new_params)
+            group.add([local_tensor(param) for param in new_params])
             for index, param in enumerate(new_params, start):
                 self.slots[id(param)] = (group, index)
             grown.add(group)
         for param in params:
             self.ordered.append(param)
-            self.grad_specs.append((param.shape, param.dtype, param.get_device()))
+            local = local_tensor(param)
+            self.grad_specs.append((local.shape, local.dtype, local.get_device()))
         self._steady_plan = None
         return grown
+
+    def shard_of(self, param: torch.Tensor) -> torch.Tensor:
+        """What the flat group holds for ``param``: itself, or the shard of a DTensor
+        parameter, checked to be the one it still has."""
+        shard = self.shards.get(id(param))
+        if shard is None:
+            return param
+        if param._local_tensor is not shard:
+            raise RuntimeError(
+                "a DTensor parameter's shard was replaced after the optimizer was made "
+                "(FSDP2 does so on model.to() or model.float()): create the optimizer "
+                "after moving or casting the model"
+            )
+        return shard
 
     @property
     def devices(self) -> list[torch.device]:

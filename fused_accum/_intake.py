@@ -12,6 +12,7 @@ from torch.autograd import Variable
 
 from ._accumulation import AccumulationState
 from ._ownership import is_private
+from ._sharded import is_dtensor
 
 # Gradients taken in backward are folded in buckets of about this size (and at the
 # end of each backward): one backend call per bucket instead of a kernel launch per
@@ -50,8 +51,14 @@ class GradientIntake:
         param: torch.Tensor,
         grad: torch.Tensor,
         consequence: str = "nothing was accumulated",
-    ) -> None:
+    ) -> torch.Tensor:
+        """Raise if ``grad`` cannot be accumulated for ``param``; return what the
+        backends take: ``grad``, or for a DTensor parameter its gradient's shard."""
+        public = param
         group, index = self._accumulation.slots[id(param)]
+        if self._accumulation.shards and id(param) in self._accumulation.shards:
+            grad = self._shard_of_grad(param, grad, consequence)
+            param = self._accumulation.shard_of(param)
         shape = group.shapes[index]
         # the common case, cheaply: every micro-step checks every parameter
         if (
@@ -60,7 +67,7 @@ class GradientIntake:
             and grad.shape == param.shape == shape
             and grad.device == param.device == group.device
         ):
-            return
+            return grad
         problem = None
         if (param.device, param.dtype, param.shape) != (
             group.device,
@@ -88,7 +95,27 @@ class GradientIntake:
         elif grad.device != param.device:
             problem = f"has a gradient on {grad.device} but lives on {param.device}"
         if problem is not None:
-            raise RuntimeError(f"{self._describe(param)} {problem}; {consequence}")
+            raise RuntimeError(f"{self._describe(public)} {problem}; {consequence}")
+        return grad
+
+    def _shard_of_grad(
+        self, param: torch.Tensor, grad: torch.Tensor, consequence: str
+    ) -> torch.Tensor:
+        """The shard of the gradient of the DTensor parameter ``param``, once it is
+        checked to be sharded as ``param`` is."""
+        if not is_dtensor(grad):
+            raise RuntimeError(
+                f"{self._describe(param)} is a DTensor but its gradient is a "
+                f"{type(grad).__name__}; set .grad to a DTensor sharded as the "
+                f"parameter (FSDP2 does); {consequence}"
+            )
+        if grad.placements != param.placements or grad.device_mesh != param.device_mesh:
+            raise RuntimeError(
+                f"{self._describe(param)} is sharded as {tuple(param.placements)} but its "
+                f"gradient as {tuple(grad.placements)} (or on another mesh); "
+                f"{consequence}"
+            )
+        return grad._local_tensor
 
     def _take_micro_batch(
         self,
@@ -158,6 +185,8 @@ class GradientIntake:
         ``backend_checks`` (the backend checks them all before it writes anything, see
         ``AccumulationState.backend_checks``) only their presence is checked here."""
         accumulation = self._accumulation
+        if accumulation.shards:
+            return None  # DTensor gradients: checked and unwrapped one by one
         grads = [param.grad for param in accumulation.ordered]
         if backend_checks:
             return None if any(grad is None for grad in grads) else grads
@@ -187,9 +216,12 @@ class GradientIntake:
             for param in params:
                 self._check_grad(param, param.grad)
         pairs, private = [], set()
+        shards = accumulation.shards
         for param in params:
             grad = param.grad
             param.grad = None
+            if shards and id(param) in shards:
+                grad = grad._local_tensor  # checked above: sharded as its parameter
             # only a window's first gradient of a parameter may be adopted
             first = id(param) not in accumulation.holds_sum
             if accumulation.adoption and first and is_private(grad):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._accumulation import AccumulationState
+from ._sharded import is_dtensor, sharding_problem, shown_like
 
 
 class ParameterChecks:
@@ -43,19 +44,25 @@ class ParameterChecks:
                     f"{where} has dtype {param.dtype}; only floating-point parameters "
                     f"can be optimized"
                 )
-            if _is_dtensor(param):
-                raise ValueError(
-                    f"{where} is a DTensor ({tuple(param.placements)} on {param.device_mesh}),"
-                    f" as FSDP2's fully_shard and tensor parallelism make them; "
-                    f"{type(self).__name__} does not accumulate DTensor parameters yet: use "
-                    f"torch.optim for a model sharded this way, or shard the data only "
-                    f"(DDP, or process_group=)"
-                )
+            if is_dtensor(param):
+                problem = sharding_problem(param, self._options_not_for_dtensors())
+                if problem is not None:
+                    raise ValueError(f"{where} {problem}")
             if param.layout != torch.strided:
                 raise ValueError(
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
                     f"are supported"
                 )
+
+    def _options_not_for_dtensors(self) -> dict[str, bool]:
+        return {
+            "max_grad_norm": self.max_grad_norm is not None,
+            "loss_scaling": self._loss_scaling is not None,
+            "track_grad_stats": self._grad_stats is not None,
+            "accumulate_in_backward": self.accumulate_in_backward,
+            "master_weights": self.master_weights,
+            "process_group": self._process_group is not None,
+        }
 
     def _check_one_device(self, params: list[torch.Tensor]) -> None:
         """With loss scaling or data parallel, every parameter must live on one device:
@@ -91,19 +98,8 @@ class ParameterChecks:
                 continue
             for name in self._flat_state_names:
                 if isinstance(state.get(name), torch.Tensor):
-                    state[name] = self._accumulation.state_view(param, name)
+                    view = self._accumulation.state_view(param, name)
+                    state[name] = shown_like(view, param)
             for name in self._count_state_names:
                 if isinstance(state.get(name), torch.Tensor):
                     state[name] = self._count_view(param, name)
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a torch.distributed DTensor (never, where torch has no
-    distributed support)."""
-    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
-        return False  # the common case, without importing torch.distributed.tensor
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)

@@ -10,6 +10,7 @@ import torch
 
 from ._accumulation import AccumulationState
 from ._checkpoint import called_by_checkpoint, partial_window_refused
+from ._sharded import local_tensor, shown_like
 
 
 class StateDictMixin:
@@ -166,7 +167,10 @@ class StateDictMixin:
         """``value`` with every tensor that lives in storage of ours copied out."""
         if isinstance(value, dict):
             return {key: self._detached(item, ours) for key, item in value.items()}
-        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in ours:
+        if (
+            isinstance(value, torch.Tensor)
+            and local_tensor(value).untyped_storage().data_ptr() in ours
+        ):
             return value.clone()
         return value
 
@@ -175,8 +179,8 @@ class StateDictMixin:
         for name, value in saved.items():
             if name in self._flat_state_names and isinstance(value, torch.Tensor):
                 view = self._accumulation.state_view(param, name)
-                view.copy_(value)
-                loaded[name] = view
+                view.copy_(local_tensor(value))  # a DTensor: sharded as its parameter
+                loaded[name] = shown_like(view, param)
             elif name in self._count_state_names:
                 view = self._count_view(param, name)
                 view.fill_(float(value))

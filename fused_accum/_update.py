@@ -5,11 +5,13 @@ batches, and each batch handed to the subclass's update (SGD, Adam)."""
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ._accumulation import AccumulationState
+from ._sharded import local_tensor, shown_like
 from ._sums import sum_in_fixed_order
 from .backends import Backend, StepBatch
 
@@ -171,6 +173,18 @@ class WindowUpdate:
         scalars = torch.stack([skip, factor]).double()
         return {device: scalars.to(device) for device in devices}
 
+    def _for_backend(
+        self, batch: StepBatch, *states: list[torch.Tensor] | None
+    ) -> tuple[StepBatch, ...]:
+        """``batch`` and the state lists of its update as the backends take them: for
+        DTensor parameters, their shards and the shards of their state."""
+        accumulation = self._accumulation
+        if not accumulation.shards:
+            return (batch, *states)
+        params = [accumulation.shard_of(param) for param in batch.params]
+        local = [None if state is None else [local_tensor(t) for t in state] for state in states]
+        return (replace(batch, params=params), *local)
+
     def _create_state_for_checkpoint(self) -> None:
         """Every parameter's state as its first update would create it (and its master
         copy), without a micro-step: what torch.distributed.checkpoint's dummy step is
@@ -232,6 +246,8 @@ class WindowUpdate:
         return self._accumulation.count_view(param, name, device)
 
     def _new_state_view(self, param: torch.Tensor, name: str) -> torch.Tensor:
+        """A zeroed view of flat state ``name`` for ``param``, shown as ``param`` is
+        (a DTensor for a DTensor parameter)."""
         view = self._accumulation.state_view(param, name)
         view.zero_()
-        return view
+        return shown_like(view, param)

@@ -223,10 +223,12 @@ class FusedAccumAdam(FusedAccumOptimizer):
                 scalars[3].fill_((1 - hyper.beta2**step) ** 0.5)
                 batch.device_scalars = scalars
         backend.adam_step(
-            batch,
-            [state["exp_avg"] for state in states],
-            [state["exp_avg_sq"] for state in states],
-            [state["max_exp_avg_sq"] for state in states] if hyper.amsgrad else None,
+            *self._for_backend(
+                batch,
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [state["max_exp_avg_sq"] for state in states] if hyper.amsgrad else None,
+            ),
             hyper,
             step=step,
         )

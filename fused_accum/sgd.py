@@ -173,9 +173,11 @@ class FusedAccumSGD(FusedAccumOptimizer):
             for param in batch.params:
                 del self.state[param]["momentum_buffer"]
             return
+        momentum_buffers = None
+        if hyper.momentum:
+            momentum_buffers = [self.state[p]["momentum_buffer"] for p in batch.params]
         backend.sgd_step(
-            batch,
-            [self.state[p]["momentum_buffer"] for p in batch.params] if hyper.momentum else None,
+            *self._for_backend(batch, momentum_buffers),
             hyper,
             init_momentum=init_momentum,
         )

@@ -1,8 +1,8 @@
 """torch.distributed.checkpoint (DCP) with the fused_accum optimizers, on one process:
 its dummy step (which creates an empty optimizer's state) must not become a
 micro-step, a checkpoint at a window boundary must resume bit for bit, and a partial
-window, which DCP would drop, must be refused, not lost. DTensor parameters (FSDP2)
-are refused at construction."""
+window, which DCP would drop, must be refused, not lost. DTensors of another sharding
+than FSDP2's are refused at construction."""
 
 from __future__ import annotations
 
@@ -104,11 +104,15 @@ def one_process_group():
     dist.destroy_process_group()
 
 
-def test_dtensor_parameters_are_refused_at_construction(one_process_group):
+def test_dtensors_fsdp2_does_not_make_are_refused_at_construction(one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
-    param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor.*FSDP2"):
-        FusedAccumAdamW([param], lr=0.1)
+    replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
+        FusedAccumAdamW([replicated], lr=0.1)
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"with max_grad_norm yet: clip with"):
+        FusedAccumAdamW([sharded], lr=0.1, max_grad_norm=1.0)
+    FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
