@@ -273,6 +273,13 @@ class FusedAccumOptimizer(
         self._fold_held()  # normally done at the end of backward already
         self._refuse_if_incomplete()
         weight = self._pending_weight if weight is None else check_weight(weight)
+        if weight != 1.0 and self._accumulation.shards:
+            raise ValueError(
+                "micro-batch weights do not work with DTensor (FSDP2) parameters yet: FSDP2 "
+                "averages each micro-batch's gradients over the ranks (and without "
+                "gradient sync sums the window's micro-batches itself) before step() sees "
+                "them; weigh the loss instead"
+            )
         inverse_loss_scale, overflow = self._grad_scaler_inputs()
         accumulation = self._accumulation
         factor = weight * inverse_loss_scale

@@ -95,3 +95,85 @@ def test_fsdp2_without_gradient_sync_between_boundaries(name, tmp_path):
     sum of the window's gradients and hands it over at the boundary, whose mean the
     optimizer applies (unit weights)."""
     mp.spawn(_worker, args=(2, str(tmp_path), name, True), nprocs=2, join=True)
+
+
+def _checkpoint_worker(rank: int, world: int, folder: str, phase: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store-{phase}", rank=rank, world_size=world
+    )
+    try:
+        model = _model()
+        optimizer = FusedAccumAdamW(model.parameters(), lr=0.02, accumulation_steps=STEPS)
+        if phase == "save":
+            _train(model, optimizer, rank, ours=True, no_sync=False)
+        # an optimizer without state gets it here (DCP's dummy step, recognised)
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        if phase == "save":
+            dcp.save(state, checkpoint_id=f"{folder}/checkpoint")
+        else:
+            dcp.load(state, checkpoint_id=f"{folder}/checkpoint")
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        # whole tensors (collectives: every rank), compared on rank 0
+        whole = {
+            f"{key}.{name}": value.full_tensor()
+            for key, param in model.named_parameters()
+            for name, value in [("param", param), *optimizer.state[param].items()]
+            if value.dim()
+        }
+        whole.update(
+            {
+                f"{key}.step": optimizer.state[param]["step"]
+                for key, param in model.named_parameters()
+            }
+        )
+        if rank == 0:
+            if phase == "save":
+                torch.save(whole, f"{folder}/whole.pt")
+            else:
+                saved = torch.load(f"{folder}/whole.pt")
+                assert saved.keys() == whole.keys()
+                for key, value in whole.items():
+                    assert torch.equal(value, saved[key]), key
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_dcp_checkpoint_loads_bit_for_bit_into_another_world_size(tmp_path):
+    """Saved by 2 ranks at a window boundary, loaded by 3: parameters, moments and
+    step counts equal, whole, bit for bit."""
+    mp.spawn(_checkpoint_worker, args=(2, str(tmp_path), "save"), nprocs=2, join=True)
+    mp.spawn(_checkpoint_worker, args=(3, str(tmp_path), "load"), nprocs=3, join=True)
+
+
+def _weight_worker(rank: int, world: int, folder: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
+    )
+    try:
+        model = _model()
+        optimizer = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=STEPS)
+        model(_batch(rank, 0, 0)).sum().backward()
+        with pytest.raises(ValueError, match="weigh the loss instead"):
+            optimizer.step(weight=2.0)
+        assert all(p.grad is not None for p in model.parameters())  # nothing taken
+        optimizer.step()
+        assert optimizer._accumulation.window_micro_steps == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_micro_batch_weights_are_refused_with_fsdp2(tmp_path):
+    mp.spawn(_weight_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
