@@ -49,6 +49,7 @@ class AccumulationState:
         self.adopted: dict[int, torch.Tensor] = {}  # id(param): its gradient, as its buffer
         # id(param): the shard of a DTensor parameter, as the flat group holds it
         self.shards: dict[int, torch.Tensor] = {}
+        self.shard_mesh = None  # their DeviceMesh: one for all
         self.adoption = True  # off where the flat buffers themselves are needed (all-reduce)
         self._adopting: set[FlatGroup] = set()  # groups whose backend and dtype allow it
         self.window_micro_steps = 0
@@ -66,6 +67,7 @@ class AccumulationState:
         for param in params:
             if is_dtensor(param):
                 self.shards[id(param)] = param._local_tensor
+                self.shard_mesh = param.device_mesh
             by_key[(param.device, param.dtype)].append(param)
         grown = set()
         for key, new_params in by_key.items():

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._accumulation import AccumulationState
-from ._sharded import is_dtensor, sharding_problem, shown_like
+from ._sharded import is_dtensor, mesh_problem, sharding_problem, shown_like
 
 
 class ParameterChecks:
@@ -26,6 +26,7 @@ class ParameterChecks:
 
     def _check_new_params(self, params: list[torch.Tensor], group_index: int) -> None:
         seen: set[torch.Tensor] = set()
+        mesh = None  # of the DTensor parameters: one for all
         for index, param in enumerate(params):
             if not isinstance(param, torch.Tensor):
                 continue  # torch.optim raises its own TypeError for these
@@ -46,8 +47,12 @@ class ParameterChecks:
                 )
             if is_dtensor(param):
                 problem = sharding_problem(param, self._options_not_for_dtensors())
+                if mesh is None:
+                    mesh = self._accumulation.shard_mesh
+                problem = problem or mesh_problem(param, mesh)
                 if problem is not None:
                     raise ValueError(f"{where} {problem}")
+                mesh = param.device_mesh
             if param.layout != torch.strided:
                 raise ValueError(
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
@@ -56,7 +61,6 @@ class ParameterChecks:
 
     def _options_not_for_dtensors(self) -> dict[str, bool]:
         return {
-            "max_grad_norm": self.max_grad_norm is not None,
             "loss_scaling": self._loss_scaling is not None,
             "track_grad_stats": self._grad_stats is not None,
             "accumulate_in_backward": self.accumulate_in_backward,

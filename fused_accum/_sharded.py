@@ -10,7 +10,6 @@ import torch
 
 # what does not work with DTensor parameters yet, and what to do instead
 _UNSUPPORTED = {
-    "max_grad_norm": "clip with torch.nn.utils.clip_grad_norm_ on the model before step()",
     "loss_scaling": "use fp32 or bf16 training without a loss scale",
     "track_grad_stats": "leave it off",
     "accumulate_in_backward": "let FSDP2 set .grad and call step() after backward",
@@ -51,6 +50,17 @@ def sharding_problem(param: torch.Tensor, options: dict[str, bool]) -> str | Non
                 f"{_UNSUPPORTED[option]}"
             )
     return None
+
+
+def mesh_problem(param: torch.Tensor, mesh) -> str | None:
+    """Why the DTensor ``param`` cannot join DTensor parameters on ``mesh`` (None: the
+    first), or None."""
+    if mesh is None or param.device_mesh == mesh:
+        return None
+    return (
+        f"is sharded over {param.device_mesh}, but other parameters over {mesh}; "
+        f"fused_accum sums the gradient norm over one mesh: shard the model over one"
+    )
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,9 @@ class WindowUpdate:
             factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
         if squares is not None:
             total = torch.stack([squares[device].to(home) for device in devices]).sum()
+            mesh = self._accumulation.shard_mesh
+            if mesh is not None:  # DTensor parameters: the other ranks' shards too
+                torch.distributed.all_reduce(total, group=mesh.get_group())
             # the buffers hold sum(w * g) times the loss scale; the mean is that / weight
             norm = total.sqrt() / weight * factor
             coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)

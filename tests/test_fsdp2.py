@@ -19,6 +19,7 @@ OPTIMIZERS = {
     "adamw": (FusedAccumAdamW, torch.optim.AdamW, dict(lr=0.02, weight_decay=0.05)),
     "sgd": (FusedAccumSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
 }
+CLIP = 0.05  # below the windows' gradient norms (about 0.1 to 0.4): every window clips
 
 
 def _model() -> torch.nn.Module:
@@ -40,7 +41,7 @@ def _batch(rank: int, window: int, micro_step: int) -> torch.Tensor:
     return torch.randn(6, 7, generator=generator)
 
 
-def _train(model, optimizer, rank: int, ours: bool, no_sync: bool) -> None:
+def _train(model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = False) -> None:
     for window in range(WINDOWS):
         for micro_step in range(STEPS):
             if no_sync:
@@ -52,21 +53,27 @@ def _train(model, optimizer, rank: int, ours: bool, no_sync: bool) -> None:
             else:
                 (loss / STEPS).backward()
         if not ours:
+            if clip:  # on the DTensor gradients: one all-reduce of the norm
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                assert norm.full_tensor() > CLIP
             optimizer.step()
             optimizer.zero_grad()
 
 
-def _worker(rank: int, world: int, folder: str, name: str, no_sync: bool) -> None:
+def _worker(
+    rank: int, world: int, folder: str, name: str, no_sync: bool, clip: bool = False
+) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
     try:
         ours_class, torch_class, kwargs = OPTIMIZERS[name]
         model, reference = _model(), _model()
-        optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **kwargs)
+        clipping = {"max_grad_norm": CLIP} if clip else {}
+        optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **clipping, **kwargs)
         expected = torch_class(reference.parameters(), **kwargs)
         _train(model, optimizer, rank, ours=True, no_sync=no_sync)
-        _train(reference, expected, rank, ours=False, no_sync=no_sync)
+        _train(reference, expected, rank, ours=False, no_sync=no_sync, clip=clip)
         assert optimizer.update_count == WINDOWS
         for (key, param), other in zip(
             model.named_parameters(), reference.parameters(), strict=True
@@ -87,6 +94,13 @@ def _worker(rank: int, world: int, folder: str, name: str, no_sync: bool) -> Non
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp2_equals_torch_optim_on_the_same_model(world, name, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path), name, False), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_clipping_equals_clip_grad_norm(world, tmp_path):
+    """max_grad_norm's norm covers every rank's shards, as clip_grad_norm_ on the
+    DTensor gradients does."""
+    mp.spawn(_worker, args=(world, str(tmp_path), "sgd", False, True), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("name", ["adamw"])
