@@ -324,6 +324,12 @@ class FusedAccumOptimizer(
                 "this optimizer scales the loss itself (loss_scaling); a "
                 "torch.amp.GradScaler on top would scale twice: use one or the other"
             )
+        if self._accumulation.shards:
+            raise RuntimeError(
+                "torch.amp.GradScaler's overflow check is per rank, and a non-finite value "
+                "reaches only the rank holding that shard: with DTensor (FSDP2) parameters "
+                "use loss_scaling=True, whose check covers every rank"
+            )
         if self.accumulate_in_backward:
             raise RuntimeError(
                 "torch.amp.GradScaler cannot be used with accumulate_in_backward=True: the "

@@ -10,7 +10,6 @@ import torch
 
 # what does not work with DTensor parameters yet, and what to do instead
 _UNSUPPORTED = {
-    "loss_scaling": "use fp32 or bf16 training without a loss scale",
     "track_grad_stats": "leave it off",
     "accumulate_in_backward": "let FSDP2 set .grad and call step() after backward",
     "master_weights": "keep the sharded parameters in fp32 (MixedPrecisionPolicy's "

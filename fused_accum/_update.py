@@ -160,12 +160,17 @@ class WindowUpdate:
         home = devices[0]
         skip = torch.zeros((), device=home)
         factor = torch.ones((), device=home)
+        mesh = self._accumulation.shard_mesh
         if self._loss_scale is not None:
+            if mesh is not None:  # DTensor parameters: a non-finite value in any shard
+                found_inf = self._loss_scale.found_inf
+                torch.distributed.all_reduce(
+                    found_inf, torch.distributed.ReduceOp.MAX, group=mesh.get_group()
+                )
             skip = self._loss_scale.found_inf.reshape(()).clone()
             factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
         if squares is not None:
             total = torch.stack([squares[device].to(home) for device in devices]).sum()
-            mesh = self._accumulation.shard_mesh
             if mesh is not None:  # DTensor parameters: the other ranks' shards too
                 torch.distributed.all_reduce(total, group=mesh.get_group())
             # the buffers hold sum(w * g) times the loss scale; the mean is that / weight

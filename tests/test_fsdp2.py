@@ -191,3 +191,34 @@ def _weight_worker(rank: int, world: int, folder: str) -> None:
 
 def test_micro_batch_weights_are_refused_with_fsdp2(tmp_path):
     mp.spawn(_weight_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
+def _poison_worker(rank: int, world: int, folder: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
+    )
+    try:
+        model = _model()
+        optimizer = FusedAccumAdamW(
+            model.parameters(), lr=0.02, accumulation_steps=STEPS, loss_scaling=True
+        )
+        last = list(model.parameters())[-2]  # the last layer's weight: (1, 4), on rank 0 only
+        for window in range(2):
+            start = [p.full_tensor() for p in model.parameters()]
+            scale = float(optimizer.loss_scale)
+            for micro_step in range(STEPS):
+                loss = model(_batch(rank, window, micro_step)).square().mean()
+                optimizer.scale_loss(loss).backward()
+                if window == 1 and micro_step == 1 and last.grad.to_local().numel():
+                    last.grad.to_local()[0, 0] = float("nan")  # one shard of one rank
+                optimizer.step()
+            after = [p.full_tensor() for p in model.parameters()]
+            moved = any(not torch.equal(a, b) for a, b in zip(start, after, strict=True))
+            assert moved == (window == 0), (rank, window)  # skipped on every rank
+            assert float(optimizer.loss_scale) == (scale if window == 0 else scale / 2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_in_one_shard_skips_the_window_on_every_rank(tmp_path):
+    mp.spawn(_poison_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
