@@ -246,9 +246,9 @@ class GradientIntake:
                 f"other gradients of this micro-batch: {_REDO_WINDOW} (step(), "
                 f"flush() and backward refuse until then)"
             )
-        grad = param.grad
         try:
-            self._check_grad(param, grad, consequence)
+            # the gradient, or for a DTensor parameter its shard
+            grad = self._check_grad(param, param.grad, consequence)
         except BaseException:
             self._incomplete_micro_batch = partial
             raise
@@ -289,8 +289,9 @@ class GradientIntake:
                 private=private,
             )
         except BaseException:
-            for param, grad in held:
-                param.grad = grad  # not folded: the gradients stay where they were
+            if not self._accumulation.shards:  # (a shard cannot go back as .grad)
+                for param, grad in held:
+                    param.grad = grad  # not folded: the gradients stay where they were
             self._incomplete_micro_batch = True
             raise
 

@@ -62,7 +62,6 @@ class ParameterChecks:
     def _options_not_for_dtensors(self) -> dict[str, bool]:
         return {
             "track_grad_stats": self._grad_stats is not None,
-            "accumulate_in_backward": self.accumulate_in_backward,
             "master_weights": self.master_weights,
             "process_group": self._process_group is not None,
         }

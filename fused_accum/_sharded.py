@@ -11,7 +11,6 @@ import torch
 # what does not work with DTensor parameters yet, and what to do instead
 _UNSUPPORTED = {
     "track_grad_stats": "leave it off",
-    "accumulate_in_backward": "let FSDP2 set .grad and call step() after backward",
     "master_weights": "keep the sharded parameters in fp32 (MixedPrecisionPolicy's "
     "param_dtype sets the compute dtype)",
     "process_group": "FSDP2 already reduces the gradients: leave it out",

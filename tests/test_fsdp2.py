@@ -61,7 +61,13 @@ def _train(model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = 
 
 
 def _worker(
-    rank: int, world: int, folder: str, name: str, no_sync: bool, clip: bool = False
+    rank: int,
+    world: int,
+    folder: str,
+    name: str,
+    no_sync: bool,
+    clip: bool = False,
+    in_backward: bool = False,
 ) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
@@ -69,8 +75,10 @@ def _worker(
     try:
         ours_class, torch_class, kwargs = OPTIMIZERS[name]
         model, reference = _model(), _model()
-        clipping = {"max_grad_norm": CLIP} if clip else {}
-        optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **clipping, **kwargs)
+        options = {"max_grad_norm": CLIP} if clip else {}
+        if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
+            options["accumulate_in_backward"] = True
+        optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **options, **kwargs)
         expected = torch_class(reference.parameters(), **kwargs)
         _train(model, optimizer, rank, ours=True, no_sync=no_sync)
         _train(reference, expected, rank, ours=False, no_sync=no_sync, clip=clip)
@@ -101,6 +109,10 @@ def test_fsdp2_clipping_equals_clip_grad_norm(world, tmp_path):
     """max_grad_norm's norm covers every rank's shards, as clip_grad_norm_ on the
     DTensor gradients does."""
     mp.spawn(_worker, args=(world, str(tmp_path), "sgd", False, True), nprocs=world, join=True)
+
+
+def test_fsdp2_with_accumulate_in_backward(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path), "adamw", False, False, True), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("name", ["adamw"])
