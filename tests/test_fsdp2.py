@@ -22,8 +22,14 @@ OPTIMIZERS = {
 CLIP = 0.05  # below the windows' gradient norms (about 0.1 to 0.4): every window clips
 
 
-def _model() -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def _model(mixed: bool = False) -> torch.nn.Module:
+    """Sharded per Linear and at the root; ``mixed``: bf16 compute, fp32 reductions
+    (the sharded parameters stay fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if mixed:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -32,8 +38,8 @@ def _model() -> torch.nn.Module:
     )  # fmt: skip
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
 def _batch(rank: int, window: int, micro_step: int) -> torch.Tensor:
@@ -41,7 +47,12 @@ def _batch(rank: int, window: int, micro_step: int) -> torch.Tensor:
     return torch.randn(6, 7, generator=generator)
 
 
-def _train(model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = False) -> None:
+def _train(
+    model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = False, mixed: bool = False
+) -> None:
+    """WINDOWS windows of STEPS micro-batches: ours steps at each; torch.optim's classic
+    loop divides the loss by STEPS (with bf16 compute: the fp32 gradients' sum, as
+    rounding bf16 gradients of the divided loss would differ) and steps once."""
     for window in range(WINDOWS):
         for micro_step in range(STEPS):
             if no_sync:
@@ -50,9 +61,14 @@ def _train(model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = 
             if ours:
                 loss.backward()
                 optimizer.step()
+            elif mixed:
+                loss.backward()
             else:
                 (loss / STEPS).backward()
         if not ours:
+            if mixed:
+                for param in model.parameters():
+                    param.grad.div_(STEPS)
             if clip:  # on the DTensor gradients: one all-reduce of the norm
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
                 assert norm.full_tensor() > CLIP
@@ -68,20 +84,21 @@ def _worker(
     no_sync: bool,
     clip: bool = False,
     in_backward: bool = False,
+    mixed: bool = False,
 ) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
     try:
         ours_class, torch_class, kwargs = OPTIMIZERS[name]
-        model, reference = _model(), _model()
+        model, reference = _model(mixed), _model(mixed)
         options = {"max_grad_norm": CLIP} if clip else {}
         if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
             options["accumulate_in_backward"] = True
         optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **options, **kwargs)
         expected = torch_class(reference.parameters(), **kwargs)
         _train(model, optimizer, rank, ours=True, no_sync=no_sync)
-        _train(reference, expected, rank, ours=False, no_sync=no_sync, clip=clip)
+        _train(reference, expected, rank, ours=False, no_sync=no_sync, clip=clip, mixed=mixed)
         assert optimizer.update_count == WINDOWS
         for (key, param), other in zip(
             model.named_parameters(), reference.parameters(), strict=True
@@ -109,6 +126,17 @@ def test_fsdp2_clipping_equals_clip_grad_norm(world, tmp_path):
     """max_grad_norm's norm covers every rank's shards, as clip_grad_norm_ on the
     DTensor gradients does."""
     mp.spawn(_worker, args=(world, str(tmp_path), "sgd", False, True), nprocs=world, join=True)
+
+
+def test_fsdp2_with_bf16_compute_and_fp32_reductions(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards and
+    gradients reach the optimizer."""
+    mp.spawn(
+        _worker,
+        args=(2, str(tmp_path), "adamw", False, False, False, True),
+        nprocs=2,
+        join=True,
+    )
 
 
 def test_fsdp2_with_accumulate_in_backward(tmp_path):
