@@ -1,5 +1,6 @@
-"""Data parallel windows on torch.distributed: fused_accum's one reduction per window
-against DDP synchronising every micro-step, side by side in one run.
+"""Data parallel and sharded windows on torch.distributed: fused_accum's one reduction
+per window against DDP synchronising every micro-step, and FSDP2 with fused_accum
+against FSDP2 with torch.optim, side by side in one run.
 
     python benchmarks/distributed_window.py [--world 2] [--shapes gpt2-124m]
         [--windows 3] [--backend gloo|nccl] [--csv out.csv]
@@ -12,7 +13,17 @@ and the communication's. Providers, 8 micro-steps and an AdamW update per window
   ddp no_sync + fused_accum   DDP with no_sync() on every micro-step,
                         FusedAccumAdamW(process_group=WORLD)
   fused_accum           no DDP wrapper, FusedAccumAdamW(process_group=WORLD)
-Bytes communicated per rank and window are modelled (all-reduced fp32 elements x 4).
+  fsdp2 + torch.optim   fully_shard (reduce-scatter in every backward), loss / 8,
+                        torch.optim.AdamW(fused=True) at the boundary, zero_grad()
+  fsdp2 + fused_accum   fully_shard, FusedAccumAdamW stepped at every micro-step
+  fsdp2 no-sync + ...   the same two with set_requires_gradient_sync(False) but at
+                        the window's last micro-step (FSDP2 keeps the unsharded sum)
+Bytes communicated per rank and window are modelled from the tensors' sizes: an
+all-reduce of all fp32 parameters counts 4 bytes per element, and so do an FSDP2
+all-gather (one in forward, one in backward: FSDP2 reshards after forward) and a
+reduce-scatter. Optimizer memory per rank is modelled too: the fp32 state (AdamW's two
+moments), plus what holds the gradients between micro-steps (.grad, our buffers, or
+FSDP2's unsharded sum without gradient sync), 1/world of it where sharded.
 """
 
 from __future__ import annotations
@@ -85,10 +96,44 @@ def _providers(shapes, device):
 
         return build
 
+    def fsdp2(ours, no_sync):
+        def build():
+            from torch.distributed.fsdp import fully_shard
+
+            model = fully_shard(Linear(shapes, device))
+            if ours:
+                optimizer = FusedAccumAdamW(model.parameters(), lr=1e-4, accumulation_steps=STEPS)
+            else:
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def window():
+                for micro_step in range(STEPS):
+                    if no_sync:
+                        model.set_requires_gradient_sync(micro_step == STEPS - 1)
+                    if ours:
+                        model().backward()
+                        optimizer.step()
+                    else:
+                        (model() / STEPS).backward()
+                if not ours:
+                    optimizer.step()
+                    optimizer.zero_grad()
+
+            return window
+
+        return build
+
+    # (build, all-reduces, FSDP2 all-gathers and reduce-scatters per window, how the
+    # gradients are held between micro-steps: in units of the fp32 parameters per rank)
+    world = dist.get_world_size()
     return {
-        "ddp every micro-step": (ddp_every_micro_step, STEPS),
-        "ddp no_sync + fused_accum": (fused(True), 1),
-        "fused_accum": (fused(False), 1),
+        "ddp every micro-step": (ddp_every_micro_step, STEPS, 0, 1.0),
+        "ddp no_sync + fused_accum": (fused(True), 1, 0, 1.0),
+        "fused_accum": (fused(False), 1, 0, 1.0),
+        "fsdp2 + torch.optim": (fsdp2(False, False), 0, 3 * STEPS, 1 / world),
+        "fsdp2 + fused_accum": (fsdp2(True, False), 0, 3 * STEPS, 1 / world),
+        "fsdp2 no-sync + torch.optim": (fsdp2(False, True), 0, 2 * STEPS + 1, 1.0),
+        "fsdp2 no-sync + fused_accum": (fsdp2(True, True), 0, 2 * STEPS + 1, 1.0),
     }
 
 
@@ -104,14 +149,21 @@ def _worker(rank, world, args, folder):
         shapes = SHAPE_LISTS[args.shapes]()
         elements = sum(math.prod(s) for s in shapes)
         rows = []
-        for provider, (build, reductions) in _providers(shapes, device).items():
+        for provider, (build, reductions, fsdp_collectives, held) in _providers(
+            shapes, device
+        ).items():
+            sharded = provider.startswith("fsdp2")
+            state = 8 * elements / (world if sharded else 1)  # AdamW's two fp32 moments
             window = build()
             dist.barrier()
             timing = measure(window, args.windows, device=device)
             rows.append({
                 **environment(device), "world": world, "backend": args.backend,
                 "shapes": args.shapes, "provider": provider, **timing,
-                "MB_communicated_per_rank": round(reductions * 4 * elements / 2**20, 1),
+                "MB_communicated_per_rank": round(
+                    (reductions + fsdp_collectives) * 4 * elements / 2**20, 1
+                ),
+                "optimizer_MB_per_rank": round((state + held * 4 * elements) / 2**20, 1),
             })  # fmt: skip
             del window
         if rank == 0:
@@ -136,6 +188,7 @@ def main(argv=None) -> int:
         row["speedup_vs_ddp"] = round(baseline / row["median_s"], 2)
         print(f"{row['provider']:28} median {row['median_s']:.3f}s [p20 {row['p20_s']:.3f}, "
               f"p80 {row['p80_s']:.3f}] {row['MB_communicated_per_rank']:8.1f} MB/rank "
+              f"{row['optimizer_MB_per_rank']:8.1f} MB optimizer/rank "
               f"{row['speedup_vs_ddp']:.2f}x vs DDP", flush=True)  # fmt: skip
     if args.csv:
         with args.csv.open("w", newline="") as out:
