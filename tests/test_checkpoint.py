@@ -113,6 +113,6 @@ def test_dtensors_fsdp2_does_not_make_are_refused_at_construction(one_process_gr
     with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
         FusedAccumAdamW([replicated], lr=0.1)
     sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"with max_grad_norm yet: clip with"):
-        FusedAccumAdamW([sharded], lr=0.1, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"with track_grad_stats yet: leave it off"):
+        FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
     FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
