@@ -3,7 +3,7 @@ per window against DDP synchronising every micro-step, and FSDP2 with fused_accu
 against FSDP2 with torch.optim, side by side in one run.
 
     python benchmarks/distributed_window.py [--world 2] [--shapes gpt2-124m]
-        [--windows 3] [--backend gloo|nccl] [--csv out.csv]
+        [--windows 3] [--backend gloo|nccl] [--csv out.csv] [--only NAMES] [--interleave]
 
 Each rank holds the shapes' parameters in fp32; the loss of a micro-step is
 sum(p * g) with fixed g, so backward is one cheap pass and the time is the optimizer's
@@ -42,7 +42,7 @@ import torch.multiprocessing as mp
 
 from fused_accum import FusedAccumAdamW
 from fused_accum.bench.shapes import SHAPE_LISTS
-from fused_accum.bench.timing import environment, measure
+from fused_accum.bench.timing import environment, measure, measure_interleaved
 
 STEPS = 8
 
@@ -148,15 +148,27 @@ def _worker(rank, world, args, folder):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         shapes = SHAPE_LISTS[args.shapes]()
         elements = sum(math.prod(s) for s in shapes)
+        providers = {
+            name: provider
+            for name, provider in _providers(shapes, device).items()
+            if not args.only or any(part in name for part in args.only.split(","))
+        }
+        timings = {}
+        if args.interleave:  # all built at once, then window by window in turns
+            windows = {name: (None, build()) for name, (build, *_) in providers.items()}
+            dist.barrier()
+            timings = measure_interleaved(windows, args.windows)
+            del windows
         rows = []
-        for provider, (build, reductions, fsdp_collectives, held) in _providers(
-            shapes, device
-        ).items():
+        for provider, (build, reductions, fsdp_collectives, held) in providers.items():
             sharded = provider.startswith("fsdp2")
             state = 8 * elements / (world if sharded else 1)  # AdamW's two fp32 moments
-            window = build()
-            dist.barrier()
-            timing = measure(window, args.windows, device=device)
+            timing = timings.get(provider)
+            if timing is None:
+                window = build()
+                dist.barrier()
+                timing = measure(window, args.windows, device=device)
+                del window
             rows.append({
                 **environment(device), "world": world, "backend": args.backend,
                 "shapes": args.shapes, "provider": provider, **timing,
@@ -165,7 +177,6 @@ def _worker(rank, world, args, folder):
                 ),
                 "optimizer_MB_per_rank": round((state + held * 4 * elements) / 2**20, 1),
             })  # fmt: skip
-            del window
         if rank == 0:
             torch.save(rows, os.path.join(folder, "rows.pt"))
     finally:
@@ -179,17 +190,30 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--csv", type=Path)
+    parser.add_argument(
+        "--only", help="comma-separated parts of provider names: time only those rows"
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build the rows' models at once and time them window by window in turns "
+        "(gloo only; memory for all of them)",
+    )
     args = parser.parse_args(argv)
+    if args.interleave and args.backend != "gloo":
+        parser.error("--interleave times on CPU: use it with --backend gloo")
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_worker, args=(args.world, args, folder), nprocs=args.world, join=True)
         rows = torch.load(os.path.join(folder, "rows.pt"))
-    baseline = rows[0]["median_s"]
+    # against DDP every micro-step, or the first row timed when that one is left out
+    baseline = rows[0]
     for row in rows:
-        row["speedup_vs_ddp"] = round(baseline / row["median_s"], 2)
+        row["baseline"] = baseline["provider"]
+        row["speedup_vs_baseline"] = round(baseline["median_s"] / row["median_s"], 2)
         print(f"{row['provider']:28} median {row['median_s']:.3f}s [p20 {row['p20_s']:.3f}, "
               f"p80 {row['p80_s']:.3f}] {row['MB_communicated_per_rank']:8.1f} MB/rank "
               f"{row['optimizer_MB_per_rank']:8.1f} MB optimizer/rank "
-              f"{row['speedup_vs_ddp']:.2f}x vs DDP", flush=True)  # fmt: skip
+              f"{row['speedup_vs_baseline']:.2f}x vs {row['baseline']}", flush=True)  # fmt: skip
     if args.csv:
         with args.csv.open("w", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=list(rows[0]))
