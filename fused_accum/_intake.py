@@ -56,7 +56,7 @@ class GradientIntake:
         backends take: ``grad``, or for a DTensor parameter its gradient's shard."""
         public = param
         group, index = self._accumulation.slots[id(param)]
-        if self._accumulation.shards and id(param) in self._accumulation.shards:
+        if id(param) in self._accumulation.shards:
             grad = self._shard_of_grad(param, grad, consequence)
             param = self._accumulation.shard_of(param)
         shape = group.shapes[index]
@@ -220,7 +220,7 @@ class GradientIntake:
         for param in params:
             grad = param.grad
             param.grad = None
-            if shards and id(param) in shards:
+            if id(param) in shards:
                 grad = grad._local_tensor  # checked above: sharded as its parameter
             # only a window's first gradient of a parameter may be adopted
             first = id(param) not in accumulation.holds_sum
@@ -278,8 +278,7 @@ class GradientIntake:
         held, private = self._held, self._held_private
         if not held:
             return
-        self._held, self._held_ids, self._held_private = [], set(), set()
-        self._held_bytes = 0
+        self._drop_held()
         try:
             self._accumulation.fold(
                 held,

@@ -26,7 +26,7 @@ class ParameterChecks:
 
     def _check_new_params(self, params: list[torch.Tensor], group_index: int) -> None:
         seen: set[torch.Tensor] = set()
-        mesh = None  # of the DTensor parameters: one for all
+        mesh = self._accumulation.shard_mesh  # of the DTensor parameters: one for all
         for index, param in enumerate(params):
             if not isinstance(param, torch.Tensor):
                 continue  # torch.optim raises its own TypeError for these
@@ -47,8 +47,6 @@ class ParameterChecks:
                 )
             if is_dtensor(param):
                 problem = sharding_problem(param, self._options_not_for_dtensors())
-                if mesh is None:
-                    mesh = self._accumulation.shard_mesh
                 problem = problem or mesh_problem(param, mesh)
                 if problem is not None:
                     raise ValueError(f"{where} {problem}")

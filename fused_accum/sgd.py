@@ -140,7 +140,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             return None
         state = self.state[param]
         if state.get("momentum_buffer") is not None:
-            if self._momentum_not_started and id(param) in self._momentum_not_started:
+            if id(param) in self._momentum_not_started:
                 self._momentum_not_started.discard(id(param))
                 return True
             return False

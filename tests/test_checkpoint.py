@@ -39,6 +39,12 @@ def _micro_steps(model, optimizer, first: int, count: int) -> None:
         optimizer.step()
 
 
+def _twins(name: str):
+    """Two equal models, each with its optimizer ``name``."""
+    models = _model(), _model()
+    return [(model, OPTIMIZERS[name](model.parameters())) for model in models]
+
+
 def _assert_same_params(model, other) -> None:
     for param, expected in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(param, expected)
@@ -46,11 +52,7 @@ def _assert_same_params(model, other) -> None:
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_the_dummy_step_of_a_checkpoint_is_not_a_micro_step(name):
-    model, reference = _model(), _model()
-    optimizer, expected = (
-        OPTIMIZERS[name](model.parameters()),
-        OPTIMIZERS[name](reference.parameters()),
-    )
+    (model, optimizer), (reference, expected) = _twins(name)
     state = get_optimizer_state_dict(model, optimizer)  # an empty optimizer: DCP steps it
     assert state["state"]  # the state was created, for a load to fill
     assert optimizer._accumulation.window_micro_steps == 0
@@ -62,11 +64,7 @@ def test_the_dummy_step_of_a_checkpoint_is_not_a_micro_step(name):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_partial_window_is_refused_and_kept(name):
-    model, reference = _model(), _model()
-    optimizer, expected = (
-        OPTIMIZERS[name](model.parameters()),
-        OPTIMIZERS[name](reference.parameters()),
-    )
+    (model, optimizer), (reference, expected) = _twins(name)
     _micro_steps(model, optimizer, 0, STEPS + 1)  # one window and a micro-step
     with pytest.raises(RuntimeError, match=r"drop the 1 micro-step.*flush\(\)"):
         get_optimizer_state_dict(model, optimizer)
@@ -96,23 +94,25 @@ def test_a_checkpoint_at_a_boundary_resumes_bit_for_bit(name, tmp_path):
     _assert_same_params(model, resumed)
 
 
-@pytest.fixture
-def one_process_group():
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_dtensors_fsdp2_does_not_make_are_refused_at_construction(one_process_group):
+def _refusal_worker(rank: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (1,))
-    replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
-    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
-        FusedAccumAdamW([replicated], lr=0.1)
-    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-    with pytest.raises(ValueError, match=r"with track_grad_stats yet: leave it off"):
-        FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
-    FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
+            FusedAccumAdamW([replicated], lr=0.1)
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"with track_grad_stats yet: leave it off"):
+            FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
+        FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensors_fsdp2_does_not_make_are_refused_at_construction(tmp_path):
+    # in a process of its own: the later spawned gloo tests had a rank abort now and
+    # then only after a process group had been made in pytest's own process
+    torch.multiprocessing.spawn(_refusal_worker, args=(str(tmp_path),), nprocs=1, join=True)

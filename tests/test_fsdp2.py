@@ -111,6 +111,9 @@ def _worker(
                 if value.dim():
                     assert tuple(value.placements) == tuple(param.placements), state_name
                     assert value.shape == param.shape, state_name
+        # every rank done with its collectives before any tears its group down (gloo
+        # can abort a rank whose peer left first)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -200,6 +203,9 @@ def _checkpoint_worker(rank: int, world: int, folder: str, phase: str) -> None:
                 assert saved.keys() == whole.keys()
                 for key, value in whole.items():
                     assert torch.equal(value, saved[key]), key
+        # every rank done with its collectives before any tears its group down (gloo
+        # can abort a rank whose peer left first)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -225,6 +231,9 @@ def _weight_worker(rank: int, world: int, folder: str) -> None:
         assert all(p.grad is not None for p in model.parameters())  # nothing taken
         optimizer.step()
         assert optimizer._accumulation.window_micro_steps == 1
+        # every rank done with its collectives before any tears its group down (gloo
+        # can abort a rank whose peer left first)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -256,6 +265,9 @@ def _poison_worker(rank: int, world: int, folder: str) -> None:
             moved = any(not torch.equal(a, b) for a, b in zip(start, after, strict=True))
             assert moved == (window == 0), (rank, window)  # skipped on every rank
             assert float(optimizer.loss_scale) == (scale if window == 0 else scale / 2)
+        # every rank done with its collectives before any tears its group down (gloo
+        # can abort a rank whose peer left first)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
