@@ -51,6 +51,7 @@ class AccumulationState:
         self.shards: dict[int, torch.Tensor] = {}
         self.shard_mesh = None  # their DeviceMesh: one for all
         self.adoption = True  # off where the flat buffers themselves are needed (all-reduce)
+        self.state_shard: tuple[int, int] | None = None  # (rank, world) with shard_state
         self._adopting: set[FlatGroup] = set()  # groups whose backend and dtype allow it
         self.window_micro_steps = 0
         self.window_weight = 0.0
@@ -75,6 +76,8 @@ class AccumulationState:
                 self.backends[key] = resolve_backend(self.backend_name, *key)
                 self.groups[key] = FlatGroup(*key)
                 group = self.groups[key]
+                if self.state_shard is not None:
+                    group.shard(*self.state_shard)
                 if group.accum_dtype == group.param_dtype:  # fp32 and fp64 parameters
                     self._adopting.add(group)
             group = self.groups[key]
@@ -106,6 +109,39 @@ class AccumulationState:
                 "after moving or casting the model"
             )
         return shard
+
+    def param_piece(self, param: torch.Tensor) -> torch.Tensor:
+        """With ``state_shard``: the piece of ``param`` this rank updates (see
+        FlatGroup.piece)."""
+        group, index = self.slots[id(param)]
+        return group.param_piece(index)
+
+    def buffer_piece(self, param: torch.Tensor) -> torch.Tensor:
+        """With ``state_shard``: the piece of ``param``'s buffer that this rank's chunk
+        holds, which the boundary's reduce-scatter sums over the ranks."""
+        group, index = self.slots[id(param)]
+        return group.flat_piece(group.buffer, index)
+
+    def value_piece(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """With ``state_shard``: the piece of ``value`` (a tensor shaped like ``param``,
+        such as a loaded state) that this rank keeps."""
+        group, index = self.slots[id(param)]
+        start, stop = group.piece(index)
+        return group.memory_order(index, value)[start:stop]
+
+    def gathered_states(self, dist, process_group) -> dict[int, dict[str, torch.Tensor]]:
+        """With ``state_shard``, a collective: id(param) -> {name: its whole state},
+        every rank's chunks of the flat states gathered (in the same order on every
+        rank: the groups and their states are made alike everywhere)."""
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        whole: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        for group in self.groups.values():
+            for name, chunk in group.states.items():
+                flat = chunk.new_empty(group.numel)
+                gather(flat, chunk, group=process_group)
+                for index, param in enumerate(group.params):
+                    whole[id(param)][name] = group.view(flat, index)
+        return whole
 
     @property
     def devices(self) -> list[torch.device]:

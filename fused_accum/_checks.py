@@ -55,3 +55,20 @@ def check_max_grad_norm(value: Any) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"max_grad_norm must be positive and finite, got {value}")
     return float(value)
+
+
+def check_shard_state(shard_state: Any, process_group: Any, track_grad_stats: bool) -> None:
+    """``shard_state`` shards over a process group, and per-parameter statistics need
+    the whole gradient."""
+    if not shard_state:
+        return
+    if process_group is None:
+        raise ValueError(
+            "shard_state=True shards the optimizer state over the ranks of a process "
+            "group: pass process_group too (for example torch.distributed.group.WORLD)"
+        )
+    if track_grad_stats:
+        raise ValueError(
+            "track_grad_stats does not work with shard_state=True yet: each rank sees only "
+            "its chunk of the gradients; leave one of them off"
+        )

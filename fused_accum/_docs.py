@@ -35,6 +35,15 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             ``torch.distributed.group.WORLD``) once, in asynchronous buckets, and the
             window weights too, so the update is the weighted mean over every
             micro-batch of every rank. None (the default): one process.
+        shard_state: with ``process_group``, shard the optimizer state over its ranks
+            (ZeRO-1/2): the window's buffers are reduce-scattered instead of
+            all-reduced, each rank updates its 1/world chunk of every (device, dtype)
+            group and keeps state (moments, momentum, master weights) for that chunk
+            only, and the updated parameters are all-gathered, in their own dtype.
+            The update is the unsharded one's. ``state_dict()`` becomes a collective
+            (every rank must call it) that returns the whole state, loadable at any
+            world size; ``state[p]`` holds this rank's piece of ``p``'s state (flat,
+            possibly empty). Parameters must be dense (not views with gaps).
         track_grad_stats: keep gradient statistics on the device, computed by the
             kernels that already read the gradients (the one extra read is of adopted
             first gradients, in place of their copy): per parameter mean |g|, max |g|

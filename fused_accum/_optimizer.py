@@ -19,7 +19,13 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from ._accumulation import AccumulationState
 from ._checkpoint import called_by_checkpoint
-from ._checks import check_accumulation_steps, check_max_grad_norm, check_weight, param_tensors
+from ._checks import (
+    check_accumulation_steps,
+    check_max_grad_norm,
+    check_shard_state,
+    check_weight,
+    param_tensors,
+)
 from ._docs import ACCUMULATION_ARGS_DOC
 from ._grad_stats import GradStatsAccess, GradStatsTracker
 from ._intake import _REDO_WINDOW, GradientIntake
@@ -55,9 +61,11 @@ class FusedAccumOptimizer(
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        shard_state: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         check_backend_name(backend)
+        check_shard_state(shard_state, process_group, track_grad_stats)
         self._grad_stats = GradStatsTracker() if track_grad_stats else None
         self._process_group = process_group
         self._reducer: WindowReducer | None = None
@@ -87,6 +95,10 @@ class FusedAccumOptimizer(
             int(torch.randint(0, 2**31, (1,)).item()) if stochastic_rounding else 0
         )
         self._accumulation = AccumulationState(backend)
+        if process_group is not None:
+            self._reducer = WindowReducer(process_group, shard_state=bool(shard_state))
+            if shard_state:
+                self._accumulation.state_shard = (self._reducer.rank, self._reducer.world_size)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._hooked_ids: set[int] = set()
         self._pending_weight = 1.0
@@ -98,7 +110,6 @@ class FusedAccumOptimizer(
         if self._loss_scaling is not None:
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
         if process_group is not None:
-            self._reducer = WindowReducer(process_group)
             self._accumulation.adoption = False  # the all-reduce sums the flat buffers
             check_ranks_agree(self, process_group)
 
@@ -116,6 +127,8 @@ class FusedAccumOptimizer(
         if isinstance(params, list):
             self._check_new_params(param_tensors(params), len(self.param_groups))
             self._check_one_device(param_tensors(params))
+            if self._accumulation.state_shard is not None:
+                self._check_dense(param_tensors(params), len(self.param_groups))
         super().add_param_group(param_group)
         new_params = self.param_groups[-1]["params"]
         for flat_group in self._accumulation.add_params(new_params):

@@ -11,6 +11,7 @@ import torch
 
 from ._accumulation import AccumulationState
 from ._sharded import is_dtensor, mesh_problem, sharding_problem, shown_like
+from ._storage import dense_strides
 
 
 class ParameterChecks:
@@ -55,6 +56,18 @@ class ParameterChecks:
                 raise ValueError(
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
                     f"are supported"
+                )
+
+    def _check_dense(self, params: list[torch.Tensor], group_index: int) -> None:
+        """With ``shard_state`` a rank updates a flat range of a parameter's memory, so
+        that memory must be the parameter's alone and gapless."""
+        for index, param in enumerate(params):
+            if param.stride() != dense_strides(param):
+                raise ValueError(
+                    f"parameter {index} of param group {group_index} is a non-contiguous "
+                    f"view (shape {tuple(param.shape)}, strides {param.stride()}); "
+                    f"shard_state needs every parameter to own dense memory: make it a "
+                    f"parameter of its own (nn.Parameter(t.clone()))"
                 )
 
     def _options_not_for_dtensors(self) -> dict[str, bool]:

@@ -40,6 +40,8 @@ class StateDictMixin:
             raise RuntimeError(partial_window_refused(accumulation.window_micro_steps))
         state_dict = super().state_dict()
         accumulation = self._accumulation
+        if accumulation.state_shard is not None:
+            self._gather_state(state_dict)
         state_dict["accumulation"] = {
             "window_micro_steps": accumulation.window_micro_steps,
             "window_weight": accumulation.window_weight,
@@ -65,6 +67,21 @@ class StateDictMixin:
             # the buffers hold the window's sums times the loss scale (read once here)
             state_dict["accumulation"]["buffer_scale"] = float(saved["scale"].item())
         return state_dict
+
+    def _gather_state(self, state_dict: dict[str, Any]) -> None:
+        """With shard_state: the flat states in ``state_dict`` whole, gathered from every
+        rank (a collective), in place of this rank's pieces."""
+        reducer = self._reducer
+        whole = self._accumulation.gathered_states(reducer.dist, reducer.group)
+        params = self._all_params()
+        for index, param_state in list(state_dict["state"].items()):
+            gathered = whole[id(params[index])]
+            state_dict["state"][index] = {
+                name: gathered[name]
+                if name in self._flat_state_names and name in gathered
+                else value
+                for name, value in param_state.items()
+            }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the matching torch.optim optimizer
@@ -179,6 +196,8 @@ class StateDictMixin:
         for name, value in saved.items():
             if name in self._flat_state_names and isinstance(value, torch.Tensor):
                 view = self._accumulation.state_view(param, name)
+                if self._accumulation.state_shard is not None:
+                    value = self._accumulation.value_piece(param, value)
                 view.copy_(local_tensor(value))  # a DTensor: sharded as its parameter
                 loaded[name] = shown_like(view, param)
             elif name in self._count_state_names:

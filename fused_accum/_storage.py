@@ -11,6 +11,12 @@ included).
 The buffer is allocated the first time a view of it is asked for: when every
 gradient of a group is adopted as its own buffer (see ``gradient_fits``), the flat
 buffer is never needed and costs no memory.
+
+A group may be sharded over the ranks of a process group (``shard``, for the optimizers'
+``shard_state``): the buffer stays whole (each rank accumulates its own micro-batches),
+but the group's length is padded to equal chunks, one per rank, and the optimizer state
+holds only this rank's chunk. A parameter's state is then its *piece*: the part of its
+slice inside the chunk, flat, in the parameter's memory order (possibly empty).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ def accumulation_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def _dense_strides(param: torch.Tensor) -> tuple[int, ...]:
+def dense_strides(param: torch.Tensor) -> tuple[int, ...]:
     # empty_like keeps the strides of a non-overlapping, dense tensor and otherwise
     # picks dense strides in the same dimension order: the layout autograd gives .grad.
     return torch.empty_like(param, device="meta").stride()
@@ -51,15 +57,74 @@ class FlatGroup:
         self._buffer: torch.Tensor | None = None
         self._strides: list[tuple[int, ...]] = []
         self._buffer_views: list[torch.Tensor] | None = None
+        self.rank = 0
+        self.world = 1  # ranks the state is sharded over (see shard)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Keep only chunk ``rank`` of ``world`` equal chunks of the optimizer state."""
+        self.rank, self.world = rank, world
+        self._pad()
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def _pad(self) -> None:
+        # equal chunks, each starting aligned
+        multiple = self.world * ALIGNMENT
+        self.numel = -(-self.numel // multiple) * multiple
+
+    @property
+    def chunk(self) -> tuple[int, int]:
+        """This rank's range of flat elements: ``[start, stop)``."""
+        size = self.numel // self.world
+        return self.rank * size, (self.rank + 1) * size
+
+    def piece(self, index: int) -> tuple[int, int]:
+        """The range ``[start, stop)`` of parameter ``index``'s elements (in memory
+        order) that lie in this rank's chunk; empty (start == stop) if none do."""
+        low, high = self.chunk
+        offset, numel = self.offsets[index], self.params[index].numel()
+        start = min(max(low - offset, 0), numel)
+        return start, max(min(high - offset, numel), start)
+
+    def flat_piece(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s piece of the whole-group flat tensor ``flat``."""
+        start, stop = self.piece(index)
+        offset = self.offsets[index]
+        return flat[offset + start : offset + stop]
+
+    def param_piece(self, index: int) -> torch.Tensor:
+        """Parameter ``index``'s piece, as a flat view of the parameter itself."""
+        param = self.params[index]
+        start, stop = self.piece(index)
+        return param.as_strided((stop - start,), (1,), param.storage_offset() + start)
+
+    def memory_order(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (shaped like parameter ``index``) flattened in the parameter's
+        memory order, as its slice of a flat tensor holds it."""
+        param = self.params[index]
+        dense = torch.empty_strided(
+            param.shape, self._strides[index], dtype=value.dtype, device=value.device
+        )
+        return dense.copy_(value).as_strided((param.numel(),), (1,))
 
     def add(self, params: list[torch.Tensor]) -> None:
         """Append parameters, growing every flat tensor and keeping existing contents."""
+        if self.sharded and self.states:
+            raise RuntimeError(
+                "with shard_state, parameters cannot be added to a (device, dtype) group "
+                "once the optimizer has state for it: the chunk of state each rank keeps "
+                "would move. Add every param group before the first update"
+            )
         for param in params:
             self.params.append(param)
             self.offsets.append(self.numel)
             self.shapes.append(param.shape)
-            self._strides.append(_dense_strides(param))
+            self._strides.append(dense_strides(param))
             self.numel += -(-param.numel() // ALIGNMENT) * ALIGNMENT
+        if self.sharded:
+            self._pad()
         if self._buffer is not None:
             self._buffer = self._grown(self._buffer)
         self.states = {name: self._grown(flat) for name, flat in self.states.items()}
@@ -115,10 +180,16 @@ class FlatGroup:
         )
 
     def state_view(self, name: str, index: int) -> torch.Tensor:
-        """The view of state ``name`` for parameter ``index``; the flat state tensor is
-        allocated, zeroed, the first time any parameter of the group asks for it."""
+        """The view of state ``name`` for parameter ``index`` (its piece, when sharded);
+        the flat state tensor is allocated, zeroed, the first time any parameter of the
+        group asks for it."""
         if name not in self.states:
-            self.states[name] = torch.zeros(self.numel, dtype=self.accum_dtype, device=self.device)
+            size = self.numel // self.world  # this rank's chunk, when sharded
+            self.states[name] = torch.zeros(size, dtype=self.accum_dtype, device=self.device)
+        if self.sharded:
+            start, stop = self.piece(index)
+            low = self.offsets[index] + start - self.chunk[0]
+            return self.states[name][low : low + stop - start]
         return self.view(self.states[name], index)
 
     def count_view(self, name: str, index: int, device: torch.device) -> torch.Tensor:

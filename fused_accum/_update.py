@@ -70,6 +70,8 @@ class WindowUpdate:
             fresh = []
             window_scalars = self._window_scalars(squares, total_weight)
         fresh_grads = {id(param): grad for param, grad in fresh}
+        # with shard_state the buffers' sums are whole in this rank's chunk only, and
+        # the whole parameters come from every rank's chunk after the update
         holds_sum, slots = accumulation.holds_sum, accumulation.slots
         for group in self.param_groups:
             batches: dict[Hashable, StepBatch] = {}
@@ -110,6 +112,8 @@ class WindowUpdate:
                 if self._grad_stats is not None:
                     batch.grad_stats = self._grad_stats.table(batch.params, device)
                 self._step_batch(group, backend, batch, state_key, scalars)
+        if accumulation.state_shard is not None:
+            self._reducer.gather_params(accumulation)
         accumulation.end_window()
         if self._grad_stats is not None:
             skip = None
@@ -125,12 +129,16 @@ class WindowUpdate:
         self, leaving_out: set[int] = frozenset()
     ) -> dict[torch.device, torch.Tensor]:
         """Per device, the sum of the squares of the window's sums, but for the
-        parameters (ids) ``leaving_out``: one pass over those buffers."""
+        parameters (ids) ``leaving_out``: one pass over those buffers (over this rank's
+        pieces of them, with shard_state)."""
         accumulation = self._accumulation
+        view = accumulation.buffer_view
+        if accumulation.state_shard is not None:
+            view = accumulation.buffer_piece
         squares = {device: torch.zeros(1, device=device) for device in accumulation.devices}
         for param in self._all_params():
             if id(param) in accumulation.holds_sum and id(param) not in leaving_out:
-                buffer = accumulation.buffer_view(param)
+                buffer = view(param)
                 squares[param.device].add_(sum_in_fixed_order(buffer.double().square()).float())
         return squares
 
@@ -161,6 +169,10 @@ class WindowUpdate:
         skip = torch.zeros((), device=home)
         factor = torch.ones((), device=home)
         mesh = self._accumulation.shard_mesh
+        # the ranks that each hold part of the gradients: FSDP2's, or shard_state's
+        norm_group = None if mesh is None else mesh.get_group()
+        if self._accumulation.state_shard is not None:
+            norm_group = self._reducer.group
         if self._loss_scale is not None:
             if mesh is not None:  # DTensor parameters: a non-finite value in any shard
                 found_inf = self._loss_scale.found_inf
@@ -171,8 +183,8 @@ class WindowUpdate:
             factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
         if squares is not None:
             total = torch.stack([squares[device].to(home) for device in devices]).sum()
-            if mesh is not None:  # DTensor parameters: the other ranks' shards too
-                torch.distributed.all_reduce(total, group=mesh.get_group())
+            if norm_group is not None:  # the other ranks' shards too
+                torch.distributed.all_reduce(total, group=norm_group)
             # the buffers hold sum(w * g) times the loss scale; the mean is that / weight
             norm = total.sqrt() / weight * factor
             coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -185,8 +197,14 @@ class WindowUpdate:
         self, batch: StepBatch, *states: list[torch.Tensor] | None
     ) -> tuple[StepBatch, ...]:
         """``batch`` and the state lists of its update as the backends take them: for
-        DTensor parameters, their shards and the shards of their state."""
+        DTensor parameters, their shards and the shards of their state; with
+        shard_state, the pieces of the parameters and buffers in this rank's chunk (the
+        state holds its pieces already)."""
         accumulation = self._accumulation
+        if accumulation.state_shard is not None:
+            params = [accumulation.param_piece(param) for param in batch.params]
+            buffers = [accumulation.buffer_piece(param) for param in batch.params]
+            return (replace(batch, params=params, buffers=buffers), *states)
         if not accumulation.shards:
             return (batch, *states)
         params = [accumulation.shard_of(param) for param in batch.params]
@@ -243,7 +261,8 @@ class WindowUpdate:
         master = state.get("master_param")
         if master is None:
             master = state["master_param"] = self._accumulation.state_view(param, "master_param")
-            master.copy_(param)
+            sharded = self._accumulation.state_shard is not None
+            master.copy_(self._accumulation.param_piece(param) if sharded else param)
         return master
 
     def _count_view(self, param: torch.Tensor, name: str) -> torch.Tensor:

@@ -105,6 +105,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        shard_state: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
@@ -139,6 +140,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            shard_state=shard_state,
             track_grad_stats=track_grad_stats,
         )
 
@@ -275,6 +277,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        shard_state: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         super().__init__(
@@ -298,5 +301,6 @@ class FusedAccumAdamW(FusedAccumAdam):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            shard_state=shard_state,
             track_grad_stats=track_grad_stats,
         )

@@ -1,6 +1,9 @@
 """Data parallel training with torch.distributed: each rank accumulates its own
 micro-batches locally, and at the window boundary the fp32 buffers are summed across
 the ranks once, in buckets, before the update (``process_group=`` of the optimizers).
+With ``shard_state=True`` the boundary is a reduce-scatter instead: each rank sums and
+updates only its chunk of every flat group, keeping optimizer state for that chunk
+alone, and the updated parameters are then all-gathered (ZeRO stages 1 and 2).
 
 Helpers for the start of a run: :func:`broadcast_parameters` (every rank starts from
 rank 0's weights) and :func:`check_ranks_agree` (the optimizers' construction calls
@@ -77,15 +80,27 @@ def check_ranks_agree(optimizer: Any, group: Any = None) -> None:
             )
 
 
+def _collective(dist: Any, name: str, deprecated: str) -> Any:
+    # newer torch renames reduce_scatter_tensor and all_gather_into_tensor
+    return getattr(dist, name, None) or getattr(dist, deprecated)
+
+
 class WindowReducer:
     """The boundary of a data-parallel window: one small all-reduce of the window's
     bookkeeping (weight, overflow, which parameters hold sums, window length), read on
-    the host, then the flat buffers summed across ranks in asynchronous buckets."""
+    the host, then the flat buffers summed across ranks: all-reduced in asynchronous
+    buckets, or with ``shard_state`` reduce-scattered, one chunk per rank."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, shard_state: bool = False) -> None:
         self.dist = _dist()
         self.group = group
         self.world_size = self.dist.get_world_size(group)
+        self.rank = self.dist.get_rank(group)
+        self.shard_state = shard_state
+        self._reduce_scatter = _collective(
+            self.dist, "reduce_scatter_single", "reduce_scatter_tensor"
+        )
+        self._all_gather = _collective(self.dist, "all_gather_single", "all_gather_into_tensor")
 
     def reduce_window(
         self,
@@ -125,8 +140,44 @@ class WindowReducer:
             if count > 0 and id(param) not in accumulation.holds_sum:
                 accumulation.buffer_view(param).zero_()  # a sum from other ranks only
                 accumulation.holds_sum.add(id(param))
-        self._all_reduce_buffers(accumulation)
+        if self.shard_state:
+            self._reduce_scatter_buffers(accumulation)
+        else:
+            self._all_reduce_buffers(accumulation)
         return total[0], False
+
+    def _reduce_scatter_buffers(self, accumulation: Any) -> None:
+        """Each rank's chunk of every flat buffer becomes the sum of that chunk over the
+        ranks, in place (the rest of the buffer is dead afterwards)."""
+        handles = []
+        for flat_group in accumulation.groups.values():
+            low, high = flat_group.chunk
+            flat = flat_group.buffer
+            handles.append(
+                self._reduce_scatter(flat[low:high], flat, group=self.group, async_op=True)
+            )
+        for handle in handles:
+            handle.wait()
+
+    def gather_params(self, accumulation: Any) -> None:
+        """After each rank updated its pieces (``shard_state``): every parameter whole
+        again on every rank. The pieces are gathered through the flat buffer's memory,
+        dead once the update has read it, taken in the parameters' dtype (half the
+        bytes of an fp32 all-reduce for bf16 parameters), then copied out."""
+        for flat_group in accumulation.groups.values():
+            count = len(flat_group.params)
+            scratch = flat_group.buffer.view(flat_group.param_dtype)[: flat_group.numel]
+            low, high = flat_group.chunk
+            pieces = [i for i in range(count) if flat_group.piece(i)[0] < flat_group.piece(i)[1]]
+            if pieces:
+                torch._foreach_copy_(
+                    [flat_group.flat_piece(scratch, i) for i in pieces],
+                    [flat_group.param_piece(i) for i in pieces],
+                )
+            self._all_gather(scratch, scratch[low:high], group=self.group)
+            torch._foreach_copy_(
+                flat_group.params, [flat_group.view(scratch, i) for i in range(count)]
+            )
 
     def _all_reduce_buffers(self, accumulation: Any) -> None:
         handles = []

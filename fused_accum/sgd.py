@@ -85,6 +85,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         max_grad_norm: float | None = None,
         loss_scaling: Any = False,
         process_group: Any = None,
+        shard_state: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -121,6 +122,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             max_grad_norm=max_grad_norm,
             loss_scaling=loss_scaling,
             process_group=process_group,
+            shard_state=shard_state,
             track_grad_stats=track_grad_stats,
         )
 
