@@ -13,17 +13,21 @@ and the communication's. Providers, 8 micro-steps and an AdamW update per window
   ddp no_sync + fused_accum   DDP with no_sync() on every micro-step,
                         FusedAccumAdamW(process_group=WORLD)
   fused_accum           no DDP wrapper, FusedAccumAdamW(process_group=WORLD)
+  fused_accum shard_state  the same with shard_state=True: a reduce-scatter of the
+                        buffers, each rank updates 1/world, an all-gather of the parameters
   fsdp2 + torch.optim   fully_shard (reduce-scatter in every backward), loss / 8,
                         torch.optim.AdamW(fused=True) at the boundary, zero_grad()
   fsdp2 + fused_accum   fully_shard, FusedAccumAdamW stepped at every micro-step
   fsdp2 no-sync + ...   the same two with set_requires_gradient_sync(False) but at
                         the window's last micro-step (FSDP2 keeps the unsharded sum)
-Bytes communicated per rank and window are modelled from the tensors' sizes: an
-all-reduce of all fp32 parameters counts 4 bytes per element, and so do an FSDP2
-all-gather (one in forward, one in backward: FSDP2 reshards after forward) and a
-reduce-scatter. Optimizer memory per rank is modelled too: the fp32 state (AdamW's two
-moments), plus what holds the gradients between micro-steps (.grad, our buffers, or
-FSDP2's unsharded sum without gradient sync), 1/world of it where sharded.
+Bytes sent per rank and window are modelled from the tensors' sizes, as a ring sends
+them: a reduce-scatter or an all-gather of all fp32 parameters sends (world - 1) / world
+times 4 bytes per element, an all-reduce (a reduce-scatter and an all-gather) twice
+that. FSDP2 all-gathers in forward and again in backward (it reshards after forward)
+and reduce-scatters in backward. Optimizer memory per rank is modelled too: the fp32
+state (AdamW's two moments, 1/world of them where sharded), plus what holds the
+gradients between micro-steps (.grad, our buffers, or FSDP2's unsharded sum without
+gradient sync), 1/world of it where sharded.
 """
 
 from __future__ import annotations
@@ -74,13 +78,13 @@ def _providers(shapes, device):
 
         return window
 
-    def fused(wrapped):
+    def fused(wrapped, shard_state=False):
         def build():
             module = Linear(shapes, device)
             model = torch.nn.parallel.DistributedDataParallel(module) if wrapped else module
             optimizer = FusedAccumAdamW(
                 model.parameters(), lr=1e-4, accumulation_steps=STEPS,
-                process_group=dist.group.WORLD,
+                process_group=dist.group.WORLD, shard_state=shard_state,
             )  # fmt: skip
 
             def window():
@@ -123,17 +127,19 @@ def _providers(shapes, device):
 
         return build
 
-    # (build, all-reduces, FSDP2 all-gathers and reduce-scatters per window, how the
-    # gradients are held between micro-steps: in units of the fp32 parameters per rank)
+    # (build, reduce-scatters and all-gathers of the fp32 parameters per window (an
+    # all-reduce counts two), whether the state is sharded, how the gradients are held
+    # between micro-steps: in units of the fp32 parameters per rank)
     world = dist.get_world_size()
     return {
-        "ddp every micro-step": (ddp_every_micro_step, STEPS, 0, 1.0),
-        "ddp no_sync + fused_accum": (fused(True), 1, 0, 1.0),
-        "fused_accum": (fused(False), 1, 0, 1.0),
-        "fsdp2 + torch.optim": (fsdp2(False, False), 0, 3 * STEPS, 1 / world),
-        "fsdp2 + fused_accum": (fsdp2(True, False), 0, 3 * STEPS, 1 / world),
-        "fsdp2 no-sync + torch.optim": (fsdp2(False, True), 0, 2 * STEPS + 1, 1.0),
-        "fsdp2 no-sync + fused_accum": (fsdp2(True, True), 0, 2 * STEPS + 1, 1.0),
+        "ddp every micro-step": (ddp_every_micro_step, 2 * STEPS, False, 1.0),
+        "ddp no_sync + fused_accum": (fused(True), 2, False, 1.0),
+        "fused_accum": (fused(False), 2, False, 1.0),
+        "fused_accum shard_state": (fused(False, shard_state=True), 2, True, 1.0),
+        "fsdp2 + torch.optim": (fsdp2(False, False), 3 * STEPS, True, 1 / world),
+        "fsdp2 + fused_accum": (fsdp2(True, False), 3 * STEPS, True, 1 / world),
+        "fsdp2 no-sync + torch.optim": (fsdp2(False, True), 2 * STEPS + 1, True, 1.0),
+        "fsdp2 no-sync + fused_accum": (fsdp2(True, True), 2 * STEPS + 1, True, 1.0),
     }
 
 
@@ -160,8 +166,7 @@ def _worker(rank, world, args, folder):
             timings = measure_interleaved(windows, args.windows)
             del windows
         rows = []
-        for provider, (build, reductions, fsdp_collectives, held) in providers.items():
-            sharded = provider.startswith("fsdp2")
+        for provider, (build, collectives, sharded, held) in providers.items():
             state = 8 * elements / (world if sharded else 1)  # AdamW's two fp32 moments
             timing = timings.get(provider)
             if timing is None:
@@ -173,7 +178,7 @@ def _worker(rank, world, args, folder):
                 **environment(device), "world": world, "backend": args.backend,
                 "shapes": args.shapes, "provider": provider, **timing,
                 "MB_communicated_per_rank": round(
-                    (reductions + fsdp_collectives) * 4 * elements / 2**20, 1
+                    collectives * (world - 1) / world * 4 * elements / 2**20, 1
                 ),
                 "optimizer_MB_per_rank": round((state + held * 4 * elements) / 2**20, 1),
             })  # fmt: skip

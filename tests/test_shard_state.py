@@ -38,15 +38,21 @@ CASES = {
         dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
         torch.float32,
     ),
-    "bf16_master": (FusedAccumAdamW, dict(lr=0.01, master_weights=True), torch.bfloat16),
+    # bf16 and fp32 parameters: two flat groups, each in chunks of its own
+    "bf16_master": (FusedAccumAdamW, dict(lr=0.01, master_weights=True), "mixed"),
     "loss_scaling": (FusedAccumSGD, dict(lr=0.1, momentum=0.9, loss_scaling=True), torch.float32),
     "clipping": (FusedAccumAdamW, dict(lr=0.01, max_grad_norm=0.5), torch.float32),
 }
 
 
-def _params(dtype: torch.dtype) -> list[torch.Tensor]:
+def _params(dtype: torch.dtype | str) -> list[torch.Tensor]:
+    """The parameters, in ``dtype``, or ``"mixed"``: bf16 and fp32 by turns."""
     generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=generator).to(dtype) for s in SHAPES]
+    dtypes = [dtype] * len(SHAPES)
+    if dtype == "mixed":
+        dtypes = [torch.bfloat16 if index % 2 else torch.float32 for index in range(len(SHAPES))]
+    pairs = zip(SHAPES, dtypes, strict=True)
+    params = [torch.randn(s, generator=generator).to(d) for s, d in pairs]
     params[4] = params[4].contiguous(memory_format=torch.channels_last)
     return [p.requires_grad_() for p in params]
 
