@@ -157,7 +157,7 @@ def _worker(rank, world, args, folder):
         providers = {
             name: provider
             for name, provider in _providers(shapes, device).items()
-            if not args.only or any(part in name for part in args.only.split(","))
+            if not args.only or any(name.startswith(part) for part in args.only.split(","))
         }
         timings = {}
         if args.interleave:  # all built at once, then window by window in turns
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--csv", type=Path)
     parser.add_argument(
-        "--only", help="comma-separated parts of provider names: time only those rows"
+        "--only", help="comma-separated beginnings of provider names: time only those rows"
     )
     parser.add_argument(
         "--interleave",
