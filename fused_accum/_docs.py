@@ -44,6 +44,17 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             (every rank must call it) that returns the whole state, loadable at any
             world size; ``state[p]`` holds this rank's piece of ``p``'s state (flat,
             possibly empty). Parameters must be dense (not views with gaps).
+        checkpoint_partial_windows: let ``torch.distributed.checkpoint``
+            (``get_optimizer_state_dict`` and ``set_optimizer_state_dict``, nested format)
+            save and load a window in progress: every parameter's fp32 sum goes into
+            its state as ``"accumulation_buffer"`` (zeros where it holds none), so
+            every DCP checkpoint grows by 4 bytes per parameter element. Give it to the
+            optimizer that saves and to the one that loads: DCP loads only what the
+            loading optimizer's template asks for, so without it there a saved window
+            is not loaded, and a checkpoint saved without it cannot be loaded with it
+            (DCP: missing key). Without it DCP checkpoints hold torch.optim's entries
+            only, and a checkpoint mid-window is refused. ``state_dict()`` keeps the
+            window whatever this says.
         track_grad_stats: keep gradient statistics on the device, computed by the
             kernels that already read the gradients (the one extra read is of adopted
             first gradients, in place of their copy): per parameter mean |g|, max |g|

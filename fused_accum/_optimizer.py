@@ -62,6 +62,7 @@ class FusedAccumOptimizer(
         loss_scaling: Any = False,
         process_group: Any = None,
         shard_state: bool = False,
+        checkpoint_partial_windows: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         check_backend_name(backend)
@@ -79,6 +80,7 @@ class FusedAccumOptimizer(
                 f"torch.optim optimizer for differentiating through the update"
             )
         self._accumulation_steps = check_accumulation_steps(accumulation_steps)
+        self.checkpoint_partial_windows = bool(checkpoint_partial_windows)
         self.backend = backend
         self.accumulate_in_backward = bool(accumulate_in_backward)
         if master_weights and stochastic_rounding:

@@ -9,7 +9,11 @@ from typing import Any
 import torch
 
 from ._accumulation import AccumulationState
-from ._checkpoint import called_by_checkpoint, partial_window_refused
+from ._checkpoint import (
+    checkpoint_frame,
+    flattened,
+    partial_window_refused,
+)
 from ._sharded import local_tensor, shown_like
 
 
@@ -35,14 +39,16 @@ class StateDictMixin:
         and its step(), resumes exactly."""
         self._fold_held()  # what backward took is in the window (a failed backward's too)
         accumulation = self._accumulation
-        partial = accumulation.window_micro_steps or self._folded_since_step
-        if partial and called_by_checkpoint("_get_optim_state_dict"):
-            raise RuntimeError(partial_window_refused(accumulation.window_micro_steps))
+        checkpoint = checkpoint_frame("_get_optim_state_dict")
+        if checkpoint is not None:
+            flat = flattened(checkpoint)
+            partial = accumulation.window_micro_steps or self._folded_since_step
+            if partial and (flat or not self.checkpoint_partial_windows):
+                raise RuntimeError(partial_window_refused(accumulation.window_micro_steps, flat))
         state_dict = super().state_dict()
-        accumulation = self._accumulation
         if accumulation.state_shard is not None:
             self._gather_state(state_dict)
-        state_dict["accumulation"] = {
+        window = {
             "window_micro_steps": accumulation.window_micro_steps,
             "window_weight": accumulation.window_weight,
             "micro_step_count": accumulation.micro_step_count,
@@ -55,18 +61,50 @@ class StateDictMixin:
             "pending_weight": self._pending_weight,
             "folded_since_step": self._folded_since_step,
             "incomplete_micro_batch": self._incomplete_micro_batch,
-            "buffers": {
+        }
+        if self._loss_scale is not None:
+            if checkpoint is not None and accumulation.shard_mesh is not None:
+                # DCP keeps one rank's copy of a plain tensor: the flag of every shard
+                torch.distributed.all_reduce(
+                    self._loss_scale.found_inf,
+                    torch.distributed.ReduceOp.MAX,
+                    group=accumulation.shard_mesh.get_group(),
+                )
+            saved = self._loss_scale.state_dict()
+            window["loss_scale"] = saved
+            # the buffers hold the window's sums times the loss scale (read once here)
+            window["buffer_scale"] = float(saved["scale"].item())
+        if checkpoint is not None:
+            if self.checkpoint_partial_windows and not flat:
+                self._window_for_checkpoint(state_dict, window)
+        else:
+            window["buffers"] = {
                 index: accumulation.buffer_view(param)
                 for index, param in enumerate(self._all_params())
                 if id(param) in accumulation.holds_sum
-            },
-        }
-        if self._loss_scale is not None:
-            saved = self._loss_scale.state_dict()
-            state_dict["accumulation"]["loss_scale"] = saved
-            # the buffers hold the window's sums times the loss scale (read once here)
-            state_dict["accumulation"]["buffer_scale"] = float(saved["scale"].item())
+            }
+            state_dict["accumulation"] = window
         return state_dict
+
+    def _window_for_checkpoint(self, state_dict: dict[str, Any], window: dict[str, Any]) -> None:
+        """The window where DCP keeps it (see _checkpoint.py): its counters in every
+        param group, and every parameter's sum in its state, zeros where it holds none,
+        so that every checkpoint, and every load template, has the same entries."""
+        accumulation = self._accumulation
+        for group in state_dict["param_groups"]:
+            group["accumulation_window"] = window
+        for index, param in enumerate(self._all_params()):
+            holds = id(param) in accumulation.holds_sum
+            if holds:
+                buffer = accumulation.buffer_view(param)
+            else:
+                group, _ = accumulation.slots[id(param)]
+                local = local_tensor(param)
+                buffer = torch.zeros(local.shape, dtype=group.accum_dtype, device=local.device)
+            entries = dict(state_dict["state"].get(index, {}))
+            entries["accumulation_buffer"] = shown_like(buffer, param)
+            entries["accumulation_sum"] = int(holds)
+            state_dict["state"][index] = entries
 
     def _gather_state(self, state_dict: dict[str, Any]) -> None:
         """With shard_state: the flat states in ``state_dict`` whole, gathered from every
@@ -92,7 +130,12 @@ class StateDictMixin:
         the optimizer as it was."""
         state_dict = dict(state_dict)
         saved_state = state_dict.pop("state")
-        window = state_dict.pop("accumulation", None) or {"buffers": {}}
+        window = state_dict.pop("accumulation", None)
+        groups, saved_state, from_checkpoint = _window_out_of_checkpoint(
+            state_dict["param_groups"], saved_state
+        )
+        state_dict["param_groups"] = groups
+        window = window or from_checkpoint or {"buffers": {}}
         id_map = self._check_state_dict(state_dict["param_groups"], saved_state, window)
         # The saved tensors may be views of our own flat storage (a state dict of this
         # very optimizer, held in memory): copy those out before that storage changes.
@@ -110,7 +153,7 @@ class StateDictMixin:
         self.discard_window()
         for saved_id, buffer in buffers.items():
             param = id_map[saved_id]
-            accumulation.buffer_view(param).copy_(buffer)
+            accumulation.buffer_view(param).copy_(local_tensor(buffer))
             accumulation.holds_sum.add(id(param))
         for name in ("window_micro_steps", "micro_step_count", "update_count"):
             setattr(accumulation, name, int(window.get(name, 0)))
@@ -215,3 +258,31 @@ class StateDictMixin:
                 f"{tuple(value.shape)} but the parameter has shape {tuple(param.shape)}; "
                 f"the state dict belongs to a different model"
             )
+
+
+def _window_out_of_checkpoint(
+    groups: list[dict[str, Any]], saved_state: dict[Any, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[Any, dict[str, Any]], dict[str, Any] | None]:
+    """The param groups and per-parameter state of a state dict that went through
+    torch.distributed.checkpoint, without the window's entries (see
+    ``_window_for_checkpoint``), and the window they held in the ``"accumulation"``
+    format (None if they held none)."""
+    window = None
+    clean_groups = []
+    for group in groups:
+        group = dict(group)
+        window = group.pop("accumulation_window", None) or window
+        clean_groups.append(group)
+    if window is None:
+        return groups, saved_state, None
+    window = dict(window)
+    window["buffers"] = {}
+    clean_state = {}
+    for saved_id, entries in saved_state.items():
+        entries = dict(entries)
+        buffer = entries.pop("accumulation_buffer", None)
+        if entries.pop("accumulation_sum", 0):
+            window["buffers"][saved_id] = buffer
+        if entries:  # the window's entries alone: a parameter without state
+            clean_state[saved_id] = entries
+    return clean_groups, clean_state, window

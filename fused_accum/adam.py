@@ -106,6 +106,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
         loss_scaling: Any = False,
         process_group: Any = None,
         shard_state: bool = False,
+        checkpoint_partial_windows: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         _check_adam_arguments(lr, betas, eps, weight_decay)
@@ -141,6 +142,7 @@ class FusedAccumAdam(FusedAccumOptimizer):
             loss_scaling=loss_scaling,
             process_group=process_group,
             shard_state=shard_state,
+            checkpoint_partial_windows=checkpoint_partial_windows,
             track_grad_stats=track_grad_stats,
         )
 
@@ -278,6 +280,7 @@ class FusedAccumAdamW(FusedAccumAdam):
         loss_scaling: Any = False,
         process_group: Any = None,
         shard_state: bool = False,
+        checkpoint_partial_windows: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         super().__init__(
@@ -302,5 +305,6 @@ class FusedAccumAdamW(FusedAccumAdam):
             loss_scaling=loss_scaling,
             process_group=process_group,
             shard_state=shard_state,
+            checkpoint_partial_windows=checkpoint_partial_windows,
             track_grad_stats=track_grad_stats,
         )

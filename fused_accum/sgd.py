@@ -86,6 +86,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
         loss_scaling: Any = False,
         process_group: Any = None,
         shard_state: bool = False,
+        checkpoint_partial_windows: bool = False,
         track_grad_stats: bool = False,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -123,6 +124,7 @@ class FusedAccumSGD(FusedAccumOptimizer):
             loss_scaling=loss_scaling,
             process_group=process_group,
             shard_state=shard_state,
+            checkpoint_partial_windows=checkpoint_partial_windows,
             track_grad_stats=track_grad_stats,
         )
 

@@ -1,8 +1,9 @@
 """torch.distributed.checkpoint (DCP) with the fused_accum optimizers, on one process:
 its dummy step (which creates an empty optimizer's state) must not become a
-micro-step, a checkpoint at a window boundary must resume bit for bit, and a partial
-window, which DCP would drop, must be refused, not lost. DTensors of another sharding
-than FSDP2's are refused at construction."""
+micro-step, a checkpoint at a window boundary must resume bit for bit, and so must one
+mid-window with checkpoint_partial_windows=True; without it a partial window, which
+DCP would drop, must be refused, not lost, and a load that would lose one must raise.
+DTensors of another sharding than FSDP2's are refused at construction."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_the_dummy_step_of_a_checkpoint_is_not_a_micro_step(name):
 def test_a_partial_window_is_refused_and_kept(name):
     (model, optimizer), (reference, expected) = _twins(name)
     _micro_steps(model, optimizer, 0, STEPS + 1)  # one window and a micro-step
-    with pytest.raises(RuntimeError, match=r"drop the 1 micro-step.*flush\(\)"):
+    with pytest.raises(RuntimeError, match=r"drop the 1 micro-step.*partial_windows=True.*flush"):
         get_optimizer_state_dict(model, optimizer)
     assert optimizer._accumulation.window_micro_steps == 1
     _micro_steps(model, optimizer, STEPS + 1, 2 * STEPS - 1)
@@ -92,6 +93,111 @@ def test_a_checkpoint_at_a_boundary_resumes_bit_for_bit(name, tmp_path):
     _micro_steps(model, optimizer, STEPS, 2 * STEPS)
     _micro_steps(resumed, resumed_optimizer, STEPS, 2 * STEPS)
     _assert_same_params(model, resumed)
+
+
+PARTIAL = {
+    "adamw": lambda params: FusedAccumAdamW(params, lr=0.05, accumulation_steps=3),
+    "sgd_dampening": lambda params: FusedAccumSGD(
+        params, lr=0.05, momentum=0.9, dampening=0.5, accumulation_steps=3
+    ),
+    "sgd_no_state": lambda params: FusedAccumSGD(params, lr=0.05, accumulation_steps=3),
+    "loss_scaling": lambda params: FusedAccumAdamW(
+        params, lr=0.05, accumulation_steps=3, loss_scaling=True
+    ),
+    "in_backward": lambda params: FusedAccumAdamW(
+        params, lr=0.05, accumulation_steps=3, accumulate_in_backward=True
+    ),
+}
+
+
+def _partial_optimizer(name, params, **kwargs):
+    optimizer = PARTIAL[name](params)
+    optimizer.checkpoint_partial_windows = kwargs.get("checkpoint_partial_windows", True)
+    return optimizer
+
+
+def _backward(model, optimizer, index):
+    torch.manual_seed(100 + index)
+    loss = model(torch.randn(6, 5)).square().mean()
+    if getattr(optimizer, "loss_scale", None) is not None:
+        loss = optimizer.scale_loss(loss)
+    loss.backward()
+
+
+def _save_mid_window(name, path, **kwargs):
+    """A model trained one window and a micro-step (and, with accumulate_in_backward,
+    the backward of the next: folded, not yet stepped), checkpointed there."""
+    model = _model()
+    optimizer = _partial_optimizer(name, model.parameters(), **kwargs)
+    for index in range(4):
+        _backward(model, optimizer, index)
+        optimizer.step()
+    if name == "in_backward":
+        _backward(model, optimizer, 4)
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+    return model, optimizer
+
+
+def _load(name, model, path, **kwargs):
+    resumed = _model(seed=1)
+    resumed.load_state_dict(model.state_dict())
+    optimizer = _partial_optimizer(name, resumed.parameters(), **kwargs)
+    template = {"optim": get_optimizer_state_dict(resumed, optimizer)}
+    dcp.load(template, checkpoint_id=path)
+    set_optimizer_state_dict(resumed, optimizer, template["optim"])
+    return resumed, optimizer
+
+
+@pytest.mark.parametrize("name", PARTIAL)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_mid_window_resumes_bit_for_bit(name, tmp_path):
+    model, optimizer = _save_mid_window(name, tmp_path)
+    resumed, resumed_optimizer = _load(name, model, tmp_path)
+    assert resumed_optimizer.window_micro_steps == optimizer.window_micro_steps == 1
+    assert resumed_optimizer.update_count == optimizer.update_count == 1
+    for twin, twin_optimizer in ((model, optimizer), (resumed, resumed_optimizer)):
+        if name == "in_backward":
+            twin_optimizer.step()  # the micro-batch whose backward came before the save
+        for index in range(5, 11):
+            _backward(twin, twin_optimizer, index)
+            twin_optimizer.step()
+    assert optimizer.update_count == 3
+    _assert_same_params(model, resumed)
+    assert str(resumed_optimizer.state_dict()) == str(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd_dampening"])
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_without_the_option_a_checkpoint_has_torch_optims_entries(name, tmp_path):
+    """So that torch.optim's DCP checkpoints load into ours, and ours into torch.optim."""
+    ours = _model()
+    optimizer = _partial_optimizer(name, ours.parameters(), checkpoint_partial_windows=False)
+    reference = _model()
+    classes = {"adamw": torch.optim.AdamW, "sgd_dampening": torch.optim.SGD}
+    kwargs = {"adamw": {}, "sgd_dampening": dict(momentum=0.9, dampening=0.5)}
+    expected = classes[name](reference.parameters(), lr=0.05, **kwargs[name])
+    for model, opt, steps in ((ours, optimizer, 3), (reference, expected, 1)):
+        for index in range(steps):
+            _backward(model, opt, index)
+            opt.step()
+    saved = get_optimizer_state_dict(ours, optimizer)
+    theirs = get_optimizer_state_dict(reference, expected)
+    assert saved["param_groups"][0].keys() == theirs["param_groups"][0].keys()
+    for key, entries in theirs["state"].items():
+        assert saved["state"][key].keys() == entries.keys(), key
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_the_flattened_format_refuses_a_partial_window():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    model = _model()
+    optimizer = _partial_optimizer("adamw", model.parameters())
+    _backward(model, optimizer, 0)
+    optimizer.step()
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    with pytest.raises(RuntimeError, match=r"drop the 1 micro-step.*flattened format"):
+        get_optimizer_state_dict(model, optimizer, options=flat)
 
 
 def _refusal_worker(rank: int, folder: str) -> None:
