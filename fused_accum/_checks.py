@@ -57,18 +57,12 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def check_shard_state(shard_state: Any, process_group: Any, track_grad_stats: bool) -> None:
-    """``shard_state`` shards over a process group, and per-parameter statistics need
-    the whole gradient."""
+def check_shard_state(shard_state: Any, process_group: Any) -> None:
+    """``shard_state`` shards over a process group."""
     if not shard_state:
         return
     if process_group is None:
         raise ValueError(
             "shard_state=True shards the optimizer state over the ranks of a process "
             "group: pass process_group too (for example torch.distributed.group.WORLD)"
-        )
-    if track_grad_stats:
-        raise ValueError(
-            "track_grad_stats does not work with shard_state=True yet: each rank sees only "
-            "its chunk of the gradients; leave one of them off"
         )

@@ -59,7 +59,9 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             kernels that already read the gradients (the one extra read is of adopted
             first gradients, in place of their copy): per parameter mean |g|, max |g|
             and L2 norm of each window's applied gradient, each micro-step's gradient
-            norm, and the history of the window norms.
+            norm, and the history of the window norms. Where each rank sees part of
+            the gradients (FSDP2, ``shard_state``) the parts are combined over the
+            ranks when a window ends.
             Read them with :meth:`grad_stats`, :meth:`micro_step_grad_norms` and
             :meth:`grad_norm_history`; plot them with ``fused_accum.plot_grad_flow``.
 """

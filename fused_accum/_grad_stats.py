@@ -7,6 +7,13 @@ unscaling): mean |g|, max |g| and the L2 norm; these come out of the step kernel
 (``accumulate(grad_sum_sq=)``, or the step's column of the fresh gradient's squares for
 a last micro-step that is accumulated and applied in one pass). Per applied window, the
 global norm of the applied gradient, kept as a history for plotting.
+
+Where each rank's step kernels see only part of the gradients (FSDP2's shards, or
+shard_state's chunks), the window's tables are combined over the ranks when the window
+ends: two all-reduces per step batch (the sums, and the maxima), on the device. Under
+FSDP2 each micro-step's gradient is sharded too, so its sums of squares are combined
+then as well (one all-reduce for the window); with shard_state every rank has its own
+micro-batches' whole gradients, whose norms stay this rank's, as in data parallel.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ class GradStatsTracker:
         self._last_micro_steps: list[tuple[dict[torch.device, torch.Tensor], Any]] = []
         self._history: torch.Tensor | None = None
         self._history_length = 0
+        # (process group, whether the micro-steps' sums are partial too) where each rank
+        # sees part of the gradients; None where it sees them whole
+        self.partial_over: tuple[Any, bool] | None = None
 
     # ------------------------------------------------------------------ collecting
 
@@ -74,6 +84,8 @@ class GradStatsTracker:
     def _finish(self) -> None:
         # the micro-step norms are formed when asked for (micro_step_norms): only the
         # window norm is computed per window, for the history
+        if self.partial_over is not None:
+            self._combine_ranks(*self.partial_over)
         self._last_micro_steps = self._micro_steps
         self.last_tables = self._tables
         if len(self._tables) == 1:
@@ -83,6 +95,22 @@ class GradStatsTracker:
             squares = [table[:, 1].sum().to(home) for _, table in self._tables]
             window_norm = torch.stack(squares).sum().sqrt()
         self._append_history(window_norm)
+
+    def _combine_ranks(self, group: Any, micro_steps: bool) -> None:
+        """Every rank's part of the window's statistics summed (maxima: the largest)."""
+        import torch.distributed as dist
+
+        for _, table in self._tables:
+            maxima = table[:, 2].clone()
+            dist.all_reduce(table, group=group)
+            dist.all_reduce(maxima, dist.ReduceOp.MAX, group=group)
+            table[:, 2] = maxima
+        sums = [total for step, _ in self._micro_steps for total in step.values()]
+        if micro_steps and sums:
+            combined = torch.cat([total.to(sums[0].device) for total in sums])
+            dist.all_reduce(combined, group=group)
+            for total, value in zip(sums, combined, strict=True):
+                total.copy_(value)
 
     def micro_step_norms(self) -> torch.Tensor | None:
         """The L2 norm of each micro-step's gradient in the last applied window."""

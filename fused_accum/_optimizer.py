@@ -66,7 +66,7 @@ class FusedAccumOptimizer(
         track_grad_stats: bool = False,
     ) -> None:
         check_backend_name(backend)
-        check_shard_state(shard_state, process_group, track_grad_stats)
+        check_shard_state(shard_state, process_group)
         self._grad_stats = GradStatsTracker() if track_grad_stats else None
         self._process_group = process_group
         self._reducer: WindowReducer | None = None
@@ -137,6 +137,19 @@ class FusedAccumOptimizer(
             self._rebind_state_views(flat_group.params)
         if self.accumulate_in_backward:
             self._register_hooks(new_params)
+        if self._grad_stats is not None:
+            self._grad_stats.partial_over = self._ranks_seeing_part()
+
+    def _ranks_seeing_part(self) -> tuple[Any, bool] | None:
+        """(process group, whether the micro-steps' gradients are partial too) where
+        each rank's kernels see part of the gradients: FSDP2's shards, or shard_state's
+        chunks of the window's sums; None where they see them whole."""
+        mesh = self._accumulation.shard_mesh
+        if mesh is not None:
+            return mesh.get_group(), True
+        if self._accumulation.state_shard is not None:
+            return self._reducer.group, False
+        return None
 
     # ------------------------------------------------------------------ the window
 

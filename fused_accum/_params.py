@@ -72,7 +72,6 @@ class ParameterChecks:
 
     def _options_not_for_dtensors(self) -> dict[str, bool]:
         return {
-            "track_grad_stats": self._grad_stats is not None,
             "master_weights": self.master_weights,
             "process_group": self._process_group is not None,
         }

@@ -211,8 +211,8 @@ def _refusal_worker(rank: int, folder: str) -> None:
         with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
             FusedAccumAdamW([replicated], lr=0.1)
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"with track_grad_stats yet: leave it off"):
-            FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
+        with pytest.raises(ValueError, match=r"with master_weights yet: keep the sharded"):
+            FusedAccumAdamW([sharded], lr=0.1, master_weights=True)
         FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
     finally:
         dist.destroy_process_group()

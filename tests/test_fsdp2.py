@@ -48,11 +48,20 @@ def _batch(rank: int, window: int, micro_step: int) -> torch.Tensor:
 
 
 def _train(
-    model, optimizer, rank: int, ours: bool, no_sync: bool, clip: bool = False, mixed: bool = False
+    model,
+    optimizer,
+    rank: int,
+    ours: bool,
+    no_sync: bool,
+    clip: bool = False,
+    mixed: bool = False,
+    record: list | None = None,
 ) -> None:
     """WINDOWS windows of STEPS micro-batches: ours steps at each; torch.optim's classic
     loop divides the loss by STEPS (with bf16 compute: the fp32 gradients' sum, as
-    rounding bf16 gradients of the divided loss would differ) and steps once."""
+    rounding bf16 gradients of the divided loss would differ) and steps once.
+    ``record``: receives the classic loop's whole ``.grad`` after each micro-step of
+    the last window."""
     for window in range(WINDOWS):
         for micro_step in range(STEPS):
             if no_sync:
@@ -65,6 +74,8 @@ def _train(
                 loss.backward()
             else:
                 (loss / STEPS).backward()
+            if record is not None and window == WINDOWS - 1:
+                record.append([param.grad.full_tensor() for param in model.parameters()])
         if not ours:
             if mixed:
                 for param in model.parameters():
@@ -85,6 +96,7 @@ def _worker(
     clip: bool = False,
     in_backward: bool = False,
     mixed: bool = False,
+    stats: bool = False,
 ) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
@@ -95,11 +107,19 @@ def _worker(
         options = {"max_grad_norm": CLIP} if clip else {}
         if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
             options["accumulate_in_backward"] = True
+        if stats:
+            options["track_grad_stats"] = True
         optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **options, **kwargs)
         expected = torch_class(reference.parameters(), **kwargs)
         _train(model, optimizer, rank, ours=True, no_sync=no_sync)
-        _train(reference, expected, rank, ours=False, no_sync=no_sync, clip=clip, mixed=mixed)
+        record: list = []
+        _train(
+            reference, expected, rank, ours=False, no_sync=no_sync, clip=clip, mixed=mixed,
+            record=record if stats else None,
+        )  # fmt: skip
         assert optimizer.update_count == WINDOWS
+        if stats:
+            _check_stats(optimizer, record)
         for (key, param), other in zip(
             model.named_parameters(), reference.parameters(), strict=True
         ):
@@ -116,6 +136,35 @@ def _worker(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _check_stats(optimizer, record: list) -> None:
+    """The statistics of the last window and its micro-steps, every rank's shards
+    combined, against the classic loop's whole gradients: ``.grad`` after the last
+    micro-step is the window's mean, and each micro-step added its gradient / STEPS."""
+    mean = record[-1]
+    rows = optimizer.grad_stats()
+    assert len(rows) == len(mean)
+    for row, gradient in zip(rows, mean, strict=True):
+        expected = {
+            "mean_abs": gradient.abs().mean().item(),
+            "max_abs": gradient.abs().max().item(),
+            "norm": gradient.norm().item(),
+        }
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-8), (row["name"], key)
+    whole = torch.cat([gradient.flatten() for gradient in mean])
+    history = optimizer.grad_norm_history()
+    assert history[-1].item() == pytest.approx(whole.norm().item(), rel=1e-5)
+    previous = [torch.zeros_like(gradient) for gradient in mean]
+    expected_norms = []
+    for after in record:
+        step = torch.cat([(a - b).flatten() for a, b in zip(after, previous, strict=True)])
+        expected_norms.append(step.norm() * STEPS)
+        previous = after
+    torch.testing.assert_close(
+        optimizer.micro_step_grad_norms(), torch.stack(expected_norms), rtol=1e-4, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -140,6 +189,14 @@ def test_fsdp2_with_bf16_compute_and_fp32_reductions(tmp_path):
         nprocs=2,
         join=True,
     )
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_gradient_statistics_cover_every_shard(world, tmp_path):
+    """track_grad_stats: each rank's shard statistics combined, equal to those of the
+    whole gradients."""
+    args = (world, str(tmp_path), "adamw", False, False, False, False, True)
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
 
 
 def test_fsdp2_with_accumulate_in_backward(tmp_path):

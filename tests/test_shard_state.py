@@ -42,6 +42,7 @@ CASES = {
     "bf16_master": (FusedAccumAdamW, dict(lr=0.01, master_weights=True), "mixed"),
     "loss_scaling": (FusedAccumSGD, dict(lr=0.1, momentum=0.9, loss_scaling=True), torch.float32),
     "clipping": (FusedAccumAdamW, dict(lr=0.01, max_grad_norm=0.5), torch.float32),
+    "stats": (FusedAccumAdamW, dict(lr=0.01, track_grad_stats=True), torch.float32),
 }
 
 
@@ -109,6 +110,10 @@ def _run(rank, world, name, shard_state, folder):
         "state": state_dict["state"],
         "state_numel": state_numel,
         "loss_scale": None if optimizer.loss_scale is None else optimizer.loss_scale.item(),
+        "stats": optimizer.grad_stats() if name == "stats" else None,
+        "norms": (optimizer.micro_step_grad_norms(), optimizer.grad_norm_history())
+        if name == "stats"
+        else None,
     }
 
 
@@ -206,6 +211,16 @@ def test_sharded_state_equals_the_unsharded_run(world, tmp_path):
         padding = world * 16 * 4 * len(SHAPES)
         assert sharded["state_numel"] * world <= unsharded["state_numel"] + padding, name
         assert sharded["state_numel"] < unsharded["state_numel"], name
+    # the statistics of every rank's pieces, combined: the unsharded run's
+    for rank in range(world):
+        sharded, unsharded = ranks[rank]["stats"]["sharded"], ranks[rank]["stats"]["unsharded"]
+        assert [row["name"] for row in sharded["stats"]] == [
+            row["name"] for row in unsharded["stats"]
+        ]
+        for got, expected in zip(sharded["stats"], unsharded["stats"], strict=True):
+            for key in ("mean_abs", "max_abs", "norm"):
+                assert got[key] == pytest.approx(expected[key], rel=1e-6), (rank, got["name"])
+        _assert_equal(sharded["norms"], unsharded["norms"], "norms", exact=False)
     # the NaN reached one rank only, and every rank skipped the window and backed off once
     for rank in range(world):
         assert ranks[rank]["loss_scaling"]["sharded"]["loss_scale"] == 2.0**15
@@ -225,10 +240,7 @@ def test_sharded_state_equals_the_unsharded_run(world, tmp_path):
         assert "Add every param group before the first update" in moved
 
 
-def test_shard_state_needs_a_process_group_and_no_grad_stats():
+def test_shard_state_needs_a_process_group():
     params = [torch.zeros(3, requires_grad=True)]
     with pytest.raises(ValueError, match="pass process_group too"):
         FusedAccumAdamW(params, shard_state=True)
-    with pytest.raises(ValueError, match="track_grad_stats does not work with shard_state"):
-        FusedAccumSGD(params, lr=0.1, shard_state=True, process_group=object(),
-                      track_grad_stats=True)  # fmt: skip
