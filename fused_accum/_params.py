@@ -16,9 +16,12 @@ from ._storage import dense_strides
 
 class ParameterChecks:
     """Needs ``_accumulation``, ``_loss_scaling``, ``_process_group``,
-    ``_flat_state_names``, ``state`` and ``param_groups`` from the optimizer."""
+    ``max_grad_norm``, ``_grad_stats``, ``_flat_state_names``, ``state`` and
+    ``param_groups`` from the optimizer."""
 
     _accumulation: AccumulationState
+    max_grad_norm: float | None
+    _grad_stats: Any
     _loss_scaling: Any
     _process_group: Any
     _flat_state_names: tuple[str, ...]
@@ -57,6 +60,26 @@ class ParameterChecks:
                     f"{where} has layout {param.layout}; only dense (strided) parameters "
                     f"are supported"
                 )
+        self._check_not_mixed(params)
+
+    def _check_not_mixed(self, params: list[torch.Tensor]) -> None:
+        """Clipping and the statistics sum each rank's part over the DTensors' mesh: a
+        plain parameter beside them (replicated on every rank) would count once per
+        rank."""
+        if self.max_grad_norm is None and self._grad_stats is None:
+            return
+        kinds = {is_dtensor(p) for p in params if isinstance(p, torch.Tensor)}
+        if self._accumulation.slots:
+            kinds.add(bool(self._accumulation.shards))
+        if False:
+            option = "max_grad_norm" if self.max_grad_norm is not None else "track_grad_stats"
+            raise ValueError(
+                f"the parameters mix DTensors (FSDP2) with plain tensors, and {option} "
+                f"sums each rank's shards over the mesh, where a plain parameter, the same "
+                f"on every rank, would count once per rank: shard every parameter "
+                f"(fully_shard the root module too), or give the plain ones an optimizer "
+                f"of their own"
+            )
 
     def _check_dense(self, params: list[torch.Tensor], group_index: int) -> None:
         """With ``shard_state`` a rank updates a flat range of a parameter's memory, so

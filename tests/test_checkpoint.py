@@ -214,11 +214,18 @@ def _refusal_worker(rank: int, folder: str) -> None:
         with pytest.raises(ValueError, match=r"with master_weights yet: keep the sharded"):
             FusedAccumAdamW([sharded], lr=0.1, master_weights=True)
         FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
+        plain = torch.nn.Parameter(torch.randn(3))
+        with pytest.raises(ValueError, match=r"mix DTensors \(FSDP2\) with plain tensors, and max"):
+            FusedAccumAdamW([sharded, plain], lr=0.1, max_grad_norm=1.0)
+        optimizer = FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
+        with pytest.raises(ValueError, match=r"plain tensors, and track_grad_stats sums"):
+            optimizer.add_param_group({"params": [plain]})
+        FusedAccumAdamW([sharded, plain], lr=0.1)  # nothing summed over the mesh
     finally:
         dist.destroy_process_group()
 
 
-def test_dtensors_fsdp2_does_not_make_are_refused_at_construction(tmp_path):
+def test_dtensors_fsdp2_does_not_make_and_mixed_ones_are_refused_at_construction(tmp_path):
     # in a process of its own: the later spawned gloo tests had a rank abort now and
     # then only after a process group had been made in pytest's own process
     torch.multiprocessing.spawn(_refusal_worker, args=(str(tmp_path),), nprocs=1, join=True)
