@@ -71,7 +71,7 @@ class ParameterChecks:
         kinds = {is_dtensor(p) for p in params if isinstance(p, torch.Tensor)}
         if self._accumulation.slots:
             kinds.add(bool(self._accumulation.shards))
-        if False:
+        if len(kinds) > 1:
             option = "max_grad_norm" if self.max_grad_norm is not None else "track_grad_stats"
             raise ValueError(
                 f"the parameters mix DTensors (FSDP2) with plain tensors, and {option} "
