@@ -95,7 +95,6 @@ class ParameterChecks:
 
     def _options_not_for_dtensors(self) -> dict[str, bool]:
         return {
-            "master_weights": self.master_weights,
             "process_group": self._process_group is not None,
         }
 

@@ -10,8 +10,6 @@ import torch
 
 # what does not work with DTensor parameters yet, and what to do instead
 _UNSUPPORTED = {
-    "master_weights": "keep the sharded parameters in fp32 (MixedPrecisionPolicy's "
-    "param_dtype sets the compute dtype)",
     "process_group": "FSDP2 already reduces the gradients: leave it out",
 }
 

@@ -208,8 +208,9 @@ class WindowUpdate:
         if not accumulation.shards:
             return (batch, *states)
         params = [accumulation.shard_of(param) for param in batch.params]
+        masters = None if batch.masters is None else [local_tensor(m) for m in batch.masters]
         local = [None if state is None else [local_tensor(t) for t in state] for state in states]
-        return (replace(batch, params=params), *local)
+        return (replace(batch, params=params, masters=masters), *local)
 
     def _create_state_for_checkpoint(self) -> None:
         """Every parameter's state as its first update would create it (and its master
@@ -260,9 +261,13 @@ class WindowUpdate:
         state = self.state[param]
         master = state.get("master_param")
         if master is None:
-            master = state["master_param"] = self._accumulation.state_view(param, "master_param")
-            sharded = self._accumulation.state_shard is not None
-            master.copy_(self._accumulation.param_piece(param) if sharded else param)
+            accumulation = self._accumulation
+            master = accumulation.state_view(param, "master_param")
+            if accumulation.state_shard is not None:
+                master.copy_(accumulation.param_piece(param))
+            else:
+                master.copy_(accumulation.shard_of(param))  # a DTensor's: its shard
+            master = state["master_param"] = shown_like(master, param)
         return master
 
     def _count_view(self, param: torch.Tensor, name: str) -> torch.Tensor:

@@ -211,8 +211,8 @@ def _refusal_worker(rank: int, folder: str) -> None:
         with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
             FusedAccumAdamW([replicated], lr=0.1)
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"with master_weights yet: keep the sharded"):
-            FusedAccumAdamW([sharded], lr=0.1, master_weights=True)
+        with pytest.raises(ValueError, match=r"with process_group yet: FSDP2 already reduces"):
+            FusedAccumAdamW([sharded], lr=0.1, process_group=dist.group.WORLD)
         FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
         plain = torch.nn.Parameter(torch.randn(3))
         with pytest.raises(ValueError, match=r"mix DTensors \(FSDP2\) with plain tensors, and max"):

@@ -42,6 +42,27 @@ def _model(mixed: bool = False) -> torch.nn.Module:
     return fully_shard(model, mp_policy=policy)
 
 
+def _bf16_models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same values twice: sharded in bf16 (computing and reducing in bf16), and
+    sharded in fp32 computing and reducing in bf16, the classic recipe whose fp32
+    parameters master weights stand for."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    models = []
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Tanh(),
+            torch.nn.Linear(4, 1),
+        ).to(torch.bfloat16).to(dtype)  # fmt: skip
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mp_policy=policy)
+        models.append(fully_shard(model, mp_policy=policy))
+    return models[0], models[1]
+
+
 def _batch(rank: int, window: int, micro_step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1000 * window + 10 * micro_step + rank)
     return torch.randn(6, 7, generator=generator)
@@ -97,14 +118,18 @@ def _worker(
     in_backward: bool = False,
     mixed: bool = False,
     stats: bool = False,
+    master: bool = False,
 ) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
     try:
         ours_class, torch_class, kwargs = OPTIMIZERS[name]
-        model, reference = _model(mixed), _model(mixed)
+        model, reference = _bf16_models() if master else (_model(mixed), _model(mixed))
+        mixed = mixed or master  # the classic loop sums bf16 gradients in fp32 .grad
         options = {"max_grad_norm": CLIP} if clip else {}
+        if master:
+            options["master_weights"] = True
         if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
             options["accumulate_in_backward"] = True
         if stats:
@@ -123,9 +148,16 @@ def _worker(
         for (key, param), other in zip(
             model.named_parameters(), reference.parameters(), strict=True
         ):
-            torch.testing.assert_close(
-                param.full_tensor(), other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
-            )
+            if master:  # the fp32 masters follow the fp32 parameters; bf16 rounds them
+                master_param = optimizer.state[param]["master_param"].full_tensor()
+                torch.testing.assert_close(
+                    master_param, other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
+                )
+                assert torch.equal(param.full_tensor(), master_param.bfloat16()), key
+            else:
+                torch.testing.assert_close(
+                    param.full_tensor(), other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
+                )
             # the state is shown sharded as torch.optim shows its own (for DCP)
             for state_name, value in optimizer.state[param].items():
                 if value.dim():
@@ -197,6 +229,15 @@ def test_fsdp2_gradient_statistics_cover_every_shard(world, tmp_path):
     whole gradients."""
     args = (world, str(tmp_path), "adamw", False, False, False, False, True)
     mp.spawn(_worker, args=args, nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_fsdp2_with_bf16_parameters_and_master_weights(name, tmp_path):
+    """bf16 shards with fp32 masters: the masters follow torch.optim's fp32 parameters
+    sharded beside them (both computing and reducing in bf16), the shards are the
+    masters rounded."""
+    args = (2, str(tmp_path), name, False, False, False, False, False, True)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
 
 
 def test_fsdp2_with_accumulate_in_backward(tmp_path):
