@@ -108,6 +108,7 @@ class FusedAccumOptimizer(
         # a fold in backward failed after others of its micro-batch had run
         self._incomplete_micro_batch = False
         self._drop_held()  # no gradients taken in backward yet
+        self._warned_no_gradients = False
         super().__init__(params, defaults)
         if self._loss_scaling is not None:
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])

@@ -4,6 +4,8 @@ batches, and each batch handed to the subclass's update (SGD, Adam)."""
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Hashable
 from dataclasses import replace
 from typing import Any
@@ -32,6 +34,7 @@ class WindowUpdate:
     master_weights: bool
     stochastic_rounding: bool
     _rounding_seed: int
+    _warned_no_gradients: bool
     state: Any
     param_groups: list[dict[str, Any]]
 
@@ -69,6 +72,8 @@ class WindowUpdate:
             squares = self._fold_last(fresh, fresh_factor, grad_squares)
             fresh = []
             window_scalars = self._window_scalars(squares, total_weight)
+        if not accumulation.holds_sum and not fresh:
+            self._warn_window_without_gradients()
         fresh_grads = {id(param): grad for param, grad in fresh}
         # with shard_state the buffers' sums are whole in this rank's chunk only, and
         # the whole parameters come from every rank's chunk after the update
@@ -124,6 +129,20 @@ class WindowUpdate:
         if self._loss_scale is not None:
             self._loss_scale.end_window()
         return True
+
+    def _warn_window_without_gradients(self) -> None:
+        """Once: a whole window in which no parameter got a gradient, most likely
+        because the model's parameters were replaced after the optimizer was made."""
+        if self._warned_no_gradients:
+            return
+        self._warned_no_gradients = True
+        warnings.warn(
+            "a whole window ended without a gradient for any of the optimizer's "
+            "parameters, so nothing was updated. If the model was wrapped after the "
+            "optimizer was created (FSDP2's fully_shard, or anything else that replaces "
+            "its parameters), create the optimizer afterwards, from model.parameters()",
+            stacklevel=_first_caller_outside(("fused_accum.", "torch.")),
+        )
 
     def _squares_of_sums(
         self, leaving_out: set[int] = frozenset()
@@ -283,3 +302,13 @@ class WindowUpdate:
         view = self._accumulation.state_view(param, name)
         view.zero_()
         return shown_like(view, param)
+
+
+def _first_caller_outside(packages: tuple[str, ...]) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by our caller that names the first
+    frame outside ``packages``: the user's call, whichever of our entry points (and
+    torch's wrappers of them) it went through."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(packages):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -67,6 +67,7 @@ def test_weight_must_be_positive_and_finite_and_nothing_is_consumed(weight):
     assert param.grad is grad and optimizer.micro_step_count == 0
 
 
+@pytest.mark.filterwarnings("ignore:a whole window ended without a gradient")
 def test_weight_of_the_wrong_kind():
     optimizer = FusedAccumSGD([_param(4)], lr=0.1)
     with pytest.raises(TypeError, match=r"weight must be a real number, got str"):

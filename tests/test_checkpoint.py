@@ -221,6 +221,19 @@ def _refusal_worker(rank: int, folder: str) -> None:
         with pytest.raises(ValueError, match=r"plain tensors, and track_grad_stats sums"):
             optimizer.add_param_group({"params": [plain]})
         FusedAccumAdamW([sharded, plain], lr=0.1)  # nothing summed over the mesh
+        # a model sharded after its optimizer was made: FSDP2 replaced the parameters
+        from torch.distributed.fsdp import fully_shard
+
+        model = torch.nn.Linear(3, 2)
+        optimizer = FusedAccumAdamW(model.parameters(), lr=0.1, accumulation_steps=2)
+        fully_shard(model)
+        with pytest.warns(UserWarning, match=r"without a gradient .* fully_shard") as seen:
+            for _ in range(4):
+                model(torch.randn(5, 3)).sum().backward()
+                optimizer.step()
+        ours = [w for w in seen if "without a gradient" in str(w.message)]
+        assert len(ours) == 1  # once
+        assert ours[0].filename == __file__  # where step() was called
     finally:
         dist.destroy_process_group()
 

@@ -3,11 +3,12 @@ rank keeps optimizer state for its chunk of every flat group, the window's buffe
 reduce-scattered and the parameters all-gathered, and the updates equal those of the
 unsharded data parallel run (process_group alone): ragged weights, a parameter that
 only one rank's micro-batches reach, bf16 parameters with master weights, a NaN on one
-rank with loss scaling, clipping. Bit for bit at 2 ranks; at 3 the collectives may add
-an element's three terms in another order (a ring sums each element starting from the
-rank that owns its chunk, and the chunks of an all-reduce and of a reduce-scatter of a
-padded buffer differ), so there the updates agree to a rounding. Clipping agrees to a
-rounding at any size: its norm is summed over other pieces. The state dict is whole.
+rank with loss scaling, clipping, gradient statistics, accumulate_in_backward. Bit for
+bit at 2 ranks; at 3 the collectives may add an element's three terms in another order
+(a ring sums each element starting from the rank that owns its chunk, and the chunks
+of an all-reduce and of a reduce-scatter of a padded buffer differ), so there the
+updates agree to a rounding. Clipping agrees to a rounding at any size: its norm is
+summed over other pieces. The state dict is whole.
 """
 
 from __future__ import annotations
@@ -140,6 +141,21 @@ def _resume(rank, world, folder):
     return [p.detach().clone() for p in resumed_params]
 
 
+def _in_backward(rank: int, shard_state: bool) -> list[torch.Tensor]:
+    """A small model whose gradients are folded during backward (accumulate_in_backward)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    optimizer = FusedAccumAdamW(
+        model.parameters(), lr=0.01, accumulation_steps=STEPS, accumulate_in_backward=True,
+        process_group=dist.group.WORLD, shard_state=shard_state,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(WINDOWS * STEPS):
+        model(torch.randn(4, 7, generator=generator)).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def _errors() -> list[str]:
     group = dist.group.WORLD
     messages = []
@@ -172,6 +188,10 @@ def _worker(rank: int, world: int, folder: str) -> None:
                 "unsharded": _run(rank, world, name, False, folder),
             }
         results["resumed"] = _resume(rank, world, folder)
+        results["in_backward"] = {
+            "sharded": _in_backward(rank, True),
+            "unsharded": _in_backward(rank, False),
+        }
         results["errors"] = _errors()
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
         gc.collect()
@@ -224,6 +244,8 @@ def test_sharded_state_equals_the_unsharded_run(world, tmp_path):
     # the NaN reached one rank only, and every rank skipped the window and backed off once
     for rank in range(world):
         assert ranks[rank]["loss_scaling"]["sharded"]["loss_scale"] == 2.0**15
+    in_backward = ranks[0]["in_backward"]
+    _assert_equal(in_backward["sharded"], in_backward["unsharded"], "in_backward", world == 2)
     for rank in range(world):
         _assert_equal(ranks[rank]["resumed"], ranks[0]["adamw"]["sharded"]["params"], "resumed")
     # the whole state loads where there is no process group, and into torch.optim
