@@ -212,13 +212,14 @@ def test_fsdp2_clipping_equals_clip_grad_norm(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path), "sgd", False, True), nprocs=world, join=True)
 
 
-def test_fsdp2_with_bf16_compute_and_fp32_reductions(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_with_bf16_compute_and_fp32_reductions(world, tmp_path):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards and
     gradients reach the optimizer."""
     mp.spawn(
         _worker,
-        args=(2, str(tmp_path), "adamw", False, False, False, True),
-        nprocs=2,
+        args=(world, str(tmp_path), "adamw", False, False, False, True),
+        nprocs=world,
         join=True,
     )
 
@@ -244,12 +245,13 @@ def test_fsdp2_with_accumulate_in_backward(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path), "adamw", False, False, True), nprocs=2, join=True)
 
 
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", ["adamw"])
-def test_fsdp2_without_gradient_sync_between_boundaries(name, tmp_path):
+def test_fsdp2_without_gradient_sync_between_boundaries(name, world, tmp_path):
     """``set_requires_gradient_sync(False)`` on non-boundary micro-steps: FSDP2 keeps the
     sum of the window's gradients and hands it over at the boundary, whose mean the
     optimizer applies (unit weights)."""
-    mp.spawn(_worker, args=(2, str(tmp_path), name, True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path), name, True), nprocs=world, join=True)
 
 
 def _partial_window(model, optimizer, rank: int, micro_steps) -> None:
