@@ -96,6 +96,18 @@ class AccumulationState:
         self._steady_plan = None
         return grown
 
+    def check_chunks_stay(self, params: list[torch.Tensor]) -> None:
+        """With ``state_shard``: raise, before anything changes, if adding ``params``
+        would grow a group that already has state (its chunks would move)."""
+        for param in params:
+            group = self.groups.get((param.device, param.dtype))
+            if group is not None and group.states:
+                raise RuntimeError(
+                    "with shard_state, parameters cannot be added to a (device, dtype) "
+                    "group once the optimizer has state for it: the chunk of state each "
+                    "rank keeps would move. Add every param group before the first update"
+                )
+
     def shard_of(self, param: torch.Tensor) -> torch.Tensor:
         """What the flat group holds for ``param``: itself, or the shard of a DTensor
         parameter, checked to be the one it still has."""
@@ -130,15 +142,18 @@ class AccumulationState:
         return group.memory_order(index, value)[start:stop]
 
     def gathered_states(self, dist, process_group) -> dict[int, dict[str, torch.Tensor]]:
-        """With ``state_shard``, a collective: id(param) -> {name: its whole state},
-        every rank's chunks of the flat states gathered (in the same order on every
-        rank: the groups and their states are made alike everywhere)."""
+        """With ``state_shard``, a collective: id(param) -> {name: its whole state}, on
+        the host, every rank's chunks of the flat states gathered (in the same order on
+        every rank: the groups and their states are made alike everywhere). One whole
+        flat state at a time is on the device, so a checkpoint needs 4 bytes per
+        element of device memory beside the shards, not the whole state."""
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         whole: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         for group in self.groups.values():
             for name, chunk in group.states.items():
                 flat = chunk.new_empty(group.numel)
                 gather(flat, chunk, group=process_group)
+                flat = flat.cpu()
                 for index, param in enumerate(group.params):
                     whole[id(param)][name] = group.view(flat, index)
         return whole

@@ -57,12 +57,31 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def check_shard_state(shard_state: Any, process_group: Any) -> None:
-    """``shard_state`` shards over a process group."""
+def check_partial_windows(checkpoint_partial_windows: Any, process_group: Any) -> None:
+    """Data parallel ranks each hold their own partial sums, which DCP would keep one
+    rank's copy of (it saves a plain tensor once)."""
+    if checkpoint_partial_windows and process_group is not None:
+        raise ValueError(
+            "checkpoint_partial_windows does not work with process_group: each rank's "
+            "window holds its own micro-batches, and torch.distributed.checkpoint keeps "
+            "one rank's copy. Save each rank's optimizer.state_dict() with torch.save "
+            "(it keeps the window and resumes bit for bit), or checkpoint at a boundary"
+        )
+
+
+def check_shard_state(shard_state: Any, process_group: Any, stochastic_rounding: bool) -> None:
+    """``shard_state`` shards over a process group; stochastic rounding's noise follows
+    flat positions that a chunk does not keep."""
     if not shard_state:
         return
     if process_group is None:
         raise ValueError(
             "shard_state=True shards the optimizer state over the ranks of a process "
             "group: pass process_group too (for example torch.distributed.group.WORLD)"
+        )
+    if stochastic_rounding:
+        raise ValueError(
+            "stochastic_rounding does not work with shard_state=True yet (each rank's "
+            "noise would follow its chunk's positions, not the parameters'): use "
+            "master_weights=True, whose masters are sharded too"
         )

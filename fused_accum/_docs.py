@@ -36,14 +36,15 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             window weights too, so the update is the weighted mean over every
             micro-batch of every rank. None (the default): one process.
         shard_state: with ``process_group``, shard the optimizer state over its ranks
-            (ZeRO-1/2): the window's buffers are reduce-scattered instead of
+            (ZeRO-1): the window's buffers are reduce-scattered instead of
             all-reduced, each rank updates its 1/world chunk of every (device, dtype)
             group and keeps state (moments, momentum, master weights) for that chunk
             only, and the updated parameters are all-gathered, in their own dtype.
             The update is the unsharded one's. ``state_dict()`` becomes a collective
-            (every rank must call it) that returns the whole state, loadable at any
-            world size; ``state[p]`` holds this rank's piece of ``p``'s state (flat,
-            possibly empty). Parameters must be dense (not views with gaps).
+            (every rank must call it) that returns the whole state on the host,
+            loadable at any world size; ``state[p]`` holds this rank's piece of
+            ``p``'s state (flat, possibly empty). Parameters must be dense (not views
+            with gaps); not with ``stochastic_rounding``. One rank: no sharding.
         checkpoint_partial_windows: let ``torch.distributed.checkpoint``
             (``get_optimizer_state_dict`` and ``set_optimizer_state_dict``, nested format)
             save and load a window in progress: every parameter's fp32 sum goes into
@@ -54,7 +55,8 @@ ACCUMULATION_ARGS_DOC = """        accumulation_steps: micro-steps per update (>
             is not loaded, and a checkpoint saved without it cannot be loaded with it
             (DCP: missing key). Without it DCP checkpoints hold torch.optim's entries
             only, and a checkpoint mid-window is refused. ``state_dict()`` keeps the
-            window whatever this says.
+            window whatever this says. Not with ``process_group`` (each rank's window
+            is its own).
         track_grad_stats: keep gradient statistics on the device, computed by the
             kernels that already read the gradients (the one extra read is of adopted
             first gradients, in place of their copy): per parameter mean |g|, max |g|

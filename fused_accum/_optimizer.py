@@ -22,6 +22,7 @@ from ._checkpoint import called_by_checkpoint
 from ._checks import (
     check_accumulation_steps,
     check_max_grad_norm,
+    check_partial_windows,
     check_shard_state,
     check_weight,
     param_tensors,
@@ -66,7 +67,8 @@ class FusedAccumOptimizer(
         track_grad_stats: bool = False,
     ) -> None:
         check_backend_name(backend)
-        check_shard_state(shard_state, process_group)
+        check_shard_state(shard_state, process_group, stochastic_rounding)
+        check_partial_windows(checkpoint_partial_windows, process_group)
         self._grad_stats = GradStatsTracker() if track_grad_stats else None
         self._process_group = process_group
         self._reducer: WindowReducer | None = None
@@ -98,8 +100,9 @@ class FusedAccumOptimizer(
         )
         self._accumulation = AccumulationState(backend)
         if process_group is not None:
-            self._reducer = WindowReducer(process_group, shard_state=bool(shard_state))
-            if shard_state:
+            self._reducer = WindowReducer(process_group)
+            if shard_state and self._reducer.world_size > 1:  # one rank: nothing to shard
+                self._reducer.shard_state = True
                 self._accumulation.state_shard = (self._reducer.rank, self._reducer.world_size)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._hooked_ids: set[int] = set()
@@ -114,7 +117,17 @@ class FusedAccumOptimizer(
             self._loss_scale = DeviceLossScale(self._loss_scaling, self._accumulation.devices[0])
         if process_group is not None:
             self._accumulation.adoption = False  # the all-reduce sums the flat buffers
-            check_ranks_agree(self, process_group)
+            check_ranks_agree(
+                self,
+                process_group,
+                settings={
+                    "shard_state": bool(shard_state),
+                    "max_grad_norm": self.max_grad_norm,
+                    "loss_scaling": self._loss_scaling is not None,
+                    "track_grad_stats": track_grad_stats,
+                    "master_weights": self.master_weights,
+                },
+            )
 
     # ----------------------------------------------------------------- parameters
 
@@ -132,6 +145,7 @@ class FusedAccumOptimizer(
             self._check_one_device(param_tensors(params))
             if self._accumulation.state_shard is not None:
                 self._check_dense(param_tensors(params), len(self.param_groups))
+                self._accumulation.check_chunks_stay(param_tensors(params))
         super().add_param_group(param_group)
         new_params = self.param_groups[-1]["params"]
         for flat_group in self._accumulation.add_params(new_params):

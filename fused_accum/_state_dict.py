@@ -45,6 +45,13 @@ class StateDictMixin:
             partial = accumulation.window_micro_steps or self._folded_since_step
             if partial and (flat or not self.checkpoint_partial_windows):
                 raise RuntimeError(partial_window_refused(accumulation.window_micro_steps, flat))
+            if partial and accumulation.shards and not accumulation.holds_sum:
+                raise RuntimeError(
+                    f"the {accumulation.window_micro_steps} micro-step(s) of this window "
+                    f"left no sums in the optimizer: FSDP2 without gradient sync keeps "
+                    f"them itself, unsharded, and torch.distributed.checkpoint does not "
+                    f"save them. Checkpoint at a window boundary in that style"
+                )
         state_dict = super().state_dict()
         if accumulation.state_shard is not None:
             self._gather_state(state_dict)

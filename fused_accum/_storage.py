@@ -110,13 +110,10 @@ class FlatGroup:
         return dense.copy_(value).as_strided((param.numel(),), (1,))
 
     def add(self, params: list[torch.Tensor]) -> None:
-        """Append parameters, growing every flat tensor and keeping existing contents."""
-        if self.sharded and self.states:
-            raise RuntimeError(
-                "with shard_state, parameters cannot be added to a (device, dtype) group "
-                "once the optimizer has state for it: the chunk of state each rank keeps "
-                "would move. Add every param group before the first update"
-            )
+        """Append parameters, growing every flat tensor and keeping existing contents
+        (not for a sharded group with state: its chunks would move, see
+        AccumulationState.check_chunks_stay)."""
+        assert not (self.sharded and self.states), "a sharded group's chunks would move"
         for param in params:
             self.params.append(param)
             self.offsets.append(self.numel)

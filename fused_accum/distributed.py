@@ -3,7 +3,8 @@ micro-batches locally, and at the window boundary the fp32 buffers are summed ac
 the ranks once, in buckets, before the update (``process_group=`` of the optimizers).
 With ``shard_state=True`` the boundary is a reduce-scatter instead: each rank sums and
 updates only its chunk of every flat group, keeping optimizer state for that chunk
-alone, and the updated parameters are then all-gathered (ZeRO stages 1 and 2).
+alone, and the updated parameters are then all-gathered (ZeRO stage 1: the buffers
+stay whole, as each rank accumulates its own micro-batches).
 
 Helpers for the start of a run: :func:`broadcast_parameters` (every rank starts from
 rank 0's weights) and :func:`check_ranks_agree` (the optimizers' construction calls
@@ -40,11 +41,16 @@ def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group: An
             dist.broadcast(param.data, src=src, group=group)
 
 
-def check_ranks_agree(optimizer: Any, group: Any = None) -> None:
+def check_ranks_agree(
+    optimizer: Any, group: Any = None, settings: dict[str, Any] | None = None
+) -> None:
     """Raise ValueError on every rank if the ranks of ``group`` disagree on the
-    optimizer's parameters (count, shapes, dtypes) or ``accumulation_steps``."""
+    optimizer's parameters (count, shapes, dtypes), ``accumulation_steps`` or any of
+    ``settings`` (options that decide which collectives a window runs: ranks that
+    differ there would wait on each other forever)."""
     dist = _dist()
     mine = {
+        "settings": settings or {},
         "accumulation_steps": optimizer.accumulation_steps,
         "params": [
             (tuple(p.shape), str(p.dtype))
@@ -56,6 +62,13 @@ def check_ranks_agree(optimizer: Any, group: Any = None) -> None:
     dist.all_gather_object(everyone, mine, group=group)
     first = everyone[0]
     for rank, theirs in enumerate(everyone):
+        for name, value in first["settings"].items():
+            if theirs["settings"].get(name) != value:
+                raise ValueError(
+                    f"ranks disagree on {name}: rank 0 has {value!r}, rank {rank} has "
+                    f"{theirs['settings'].get(name)!r}; every rank must create the "
+                    f"optimizer with the same options"
+                )
         if theirs["accumulation_steps"] != first["accumulation_steps"]:
             raise ValueError(
                 f"ranks disagree on accumulation_steps: rank 0 has "
@@ -81,7 +94,8 @@ def check_ranks_agree(optimizer: Any, group: Any = None) -> None:
 
 
 def _collective(dist: Any, name: str, deprecated: str) -> Any:
-    # newer torch renames reduce_scatter_tensor and all_gather_into_tensor
+    # torch 2.14 deprecates reduce_scatter_tensor and all_gather_into_tensor for these
+    # names (same arguments); torch 2.11 has only the old ones
     return getattr(dist, name, None) or getattr(dist, deprecated)
 
 
@@ -91,12 +105,12 @@ class WindowReducer:
     the host, then the flat buffers summed across ranks: all-reduced in asynchronous
     buckets, or with ``shard_state`` reduce-scattered, one chunk per rank."""
 
-    def __init__(self, group: Any, shard_state: bool = False) -> None:
+    def __init__(self, group: Any) -> None:
         self.dist = _dist()
         self.group = group
         self.world_size = self.dist.get_world_size(group)
         self.rank = self.dist.get_rank(group)
-        self.shard_state = shard_state
+        self.shard_state = False  # set by the optimizer (shard_state, with several ranks)
         self._reduce_scatter = _collective(
             self.dist, "reduce_scatter_single", "reduce_scatter_tensor"
         )

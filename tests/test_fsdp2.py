@@ -353,6 +353,33 @@ def test_a_dcp_checkpoint_mid_window_resumes_bit_for_bit(tmp_path):
         mp.spawn(_checkpoint_worker, args=args, nprocs=world, join=True)
 
 
+def _no_sync_checkpoint_worker(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
+    )
+    try:
+        model = _model()
+        optimizer = FusedAccumAdamW(
+            model.parameters(), accumulation_steps=STEPS, checkpoint_partial_windows=True
+        )
+        model.set_requires_gradient_sync(False)  # the window's sum stays FSDP2's
+        model(_batch(rank, 0, 0)).square().mean().backward()
+        optimizer.step()
+        with pytest.raises(RuntimeError, match=r"FSDP2 without gradient sync keeps them"):
+            get_optimizer_state_dict(model, optimizer)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_dcp_checkpoint_mid_window_without_gradient_sync_is_refused(tmp_path):
+    """The window is in FSDP2's unsharded gradients, which DCP does not save."""
+    mp.spawn(_no_sync_checkpoint_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+
 def _weight_worker(rank: int, world: int, folder: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world

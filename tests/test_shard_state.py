@@ -1,4 +1,4 @@
-"""shard_state=True (ZeRO-1/2 on torch.distributed, gloo, CPU, 2 and 3 processes): each
+"""shard_state=True (ZeRO-1 on torch.distributed, gloo, CPU, 2 and 3 processes): each
 rank keeps optimizer state for its chunk of every flat group, the window's buffers are
 reduce-scattered and the parameters all-gathered, and the updates equal those of the
 unsharded data parallel run (process_group alone): ragged weights, a parameter that
@@ -173,6 +173,13 @@ def _errors() -> list[str]:
         optimizer.add_param_group({"params": [torch.ones(3, requires_grad=True)]})
     except RuntimeError as error:
         messages.append(str(error))
+    assert len(optimizer.param_groups) == 1  # refused before anything changed
+    rank = dist.get_rank()
+    try:  # ranks that would run different collectives at the boundary
+        FusedAccumSGD([torch.ones(5, requires_grad=True)], lr=0.1, process_group=group,
+                      shard_state=rank == 0)  # fmt: skip
+    except ValueError as error:
+        messages.append(str(error))
     return messages
 
 
@@ -257,12 +264,35 @@ def test_sharded_state_equals_the_unsharded_run(world, tmp_path):
             for key, value in entries.items():
                 assert torch.equal(loaded.state_dict()["state"][index][key], value), (cls, key)
     for rank in range(world):
-        dense, moved = ranks[rank]["errors"]
+        dense, moved, disagree = ranks[rank]["errors"]
         assert "non-contiguous view" in dense and "shard_state" in dense
         assert "Add every param group before the first update" in moved
+        assert "ranks disagree on shard_state: rank 0 has True, rank 1 has False" in disagree
 
 
 def test_shard_state_needs_a_process_group():
     params = [torch.zeros(3, requires_grad=True)]
     with pytest.raises(ValueError, match="pass process_group too"):
         FusedAccumAdamW(params, shard_state=True)
+    with pytest.raises(ValueError, match="stochastic_rounding does not work with shard_state"):
+        FusedAccumSGD(params, lr=0.1, shard_state=True, process_group=object(),
+                      stochastic_rounding=True)  # fmt: skip
+    with pytest.raises(ValueError, match="checkpoint_partial_windows does not work with proc"):
+        FusedAccumSGD(params, lr=0.1, process_group=object(), checkpoint_partial_windows=True)
+
+
+def _one_rank_worker(rank: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+    try:
+        results = [_run(0, 1, "adamw", shard_state, folder) for shard_state in (True, False)]
+        torch.save(results, os.path.join(folder, "one_rank.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_state_on_one_rank_is_the_unsharded_run(tmp_path):
+    """Nothing to shard over one rank: the same script runs on one GPU."""
+    mp.spawn(_one_rank_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    sharded, unsharded = torch.load(tmp_path / "one_rank.pt")
+    _assert_equal(sharded["params"], unsharded["params"], "one rank")
+    assert sharded["state_numel"] == unsharded["state_numel"]
