@@ -72,7 +72,7 @@ class FusedAccumOptimizer(
         self._grad_stats = GradStatsTracker() if track_grad_stats else None
         self._process_group = process_group
         self._reducer: WindowReducer | None = None
-        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self._max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._loss_scaling = loss_scaling_settings(loss_scaling)
         self._loss_scale: DeviceLossScale | None = None
         self._grad_norm: torch.Tensor | None = None
@@ -173,6 +173,26 @@ class FusedAccumOptimizer(
         """The backend each (device, dtype) group of parameters runs on, as ``backend``
         (what was asked for, ``"auto"`` by default) resolved for it."""
         return {key: backend.name for key, backend in self._accumulation.backends.items()}
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The clipping threshold of the window's mean gradient (None: no clipping). May
+        be set between windows, for example by a trainer integration that routes the
+        trainer's own clipping setting here."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        value = check_max_grad_norm(value)
+        accumulation = self._accumulation
+        mixed = bool(accumulation.shards) and len(accumulation.shards) < len(accumulation.slots)
+        if value is not None and mixed:
+            raise ValueError(
+                "the parameters mix DTensors (FSDP2) with plain tensors: max_grad_norm sums "
+                "each rank's shards over the mesh, where a plain parameter would count once "
+                "per rank"
+            )
+        self._max_grad_norm = value
 
     @property
     def accumulation_steps(self) -> int:

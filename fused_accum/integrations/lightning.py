@@ -1,0 +1,64 @@
+"""fused_accum with PyTorch Lightning's automatic optimization.
+
+    from fused_accum.integrations.lightning import FusedAccumCallback
+
+    class Model(pl.LightningModule):
+        def configure_optimizers(self):
+            return FusedAccumAdamW(self.parameters(), lr=3e-4, accumulate_in_backward=True)
+
+    trainer = pl.Trainer(accumulate_grad_batches=8, gradient_clip_val=1.0,
+                         callbacks=[FusedAccumCallback()])
+
+Lightning divides each loss by ``accumulate_grad_batches`` and calls ``step()`` (and the
+scheduler) once per window. The callback refuses double accumulation, moves
+``gradient_clip_val`` into the optimizer's ``max_grad_norm`` (Lightning's clipping would
+find no ``.grad``, and under ``precision="bf16-mixed"`` it refuses optimizers that
+unscale themselves, as ours do), and logs the optimizer's gradient norm as
+``grad_norm`` after each update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from . import check_trainer_accumulation, route_clipping, unwrap_optimizer
+
+__all__ = ["FusedAccumCallback"]
+
+
+class FusedAccumCallback(pl.Callback):
+    """Checks, ``gradient_clip_val`` routing and ``grad_norm`` logging (under
+    ``log_name``) for fused_accum optimizers in a Lightning ``Trainer``."""
+
+    def __init__(self, log_name: str = "grad_norm") -> None:
+        self.log_name = log_name
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        for wrapped in trainer.optimizers:
+            optimizer = unwrap_optimizer(wrapped)
+            if optimizer is None:
+                continue
+            check_trainer_accumulation(
+                optimizer, trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches)"
+            )
+            if not (trainer.gradient_clip_val and optimizer.accumulate_in_backward):
+                continue
+            algorithm = trainer.gradient_clip_algorithm
+            if str(getattr(algorithm, "value", algorithm)) == "value":
+                raise ValueError(
+                    "gradient_clip_algorithm='value' cannot be applied with "
+                    "accumulate_in_backward=True (there is no .grad to clamp); clip by norm"
+                )
+            route_clipping(optimizer, trainer.gradient_clip_val, "Trainer(gradient_clip_val)")
+            trainer.gradient_clip_val = None  # the optimizer clips now
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        optimizer = unwrap_optimizer(trainer.optimizers[0]) if trainer.optimizers else None
+        if optimizer is None or not optimizer.last_step_applied:
+            return  # mid-window, or no fused_accum optimizer
+        if optimizer.grad_norm is not None:
+            pl_module.log(self.log_name, optimizer.grad_norm, on_step=True, on_epoch=False)

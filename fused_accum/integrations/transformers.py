@@ -1,0 +1,80 @@
+"""fused_accum with the Hugging Face ``transformers.Trainer``.
+
+    from fused_accum.integrations.transformers import FusedAccumTrainer
+
+    args = TrainingArguments(..., gradient_accumulation_steps=8, max_grad_norm=1.0)
+    trainer = FusedAccumTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+
+``FusedAccumTrainer`` is a ``Trainer`` whose default optimizer is
+``FusedAccumAdamW(accumulate_in_backward=True)``, made from the arguments as HF makes
+its AdamW (learning rate, betas, epsilon, weight decay on the same parameters), that
+clips at ``max_grad_norm`` itself and logs its gradient norm as ``grad_norm``. Give
+extra optimizer options with ``fused_accum_kwargs={...}`` (``master_weights=True`` for
+bf16 models, for example).
+
+With a Trainer subclass of your own, add ``FusedAccumCallback()`` to its callbacks: it
+refuses double accumulation and routes ``max_grad_norm`` to the optimizer; only the
+logged ``grad_norm`` then stays HF's (0.0: it is the norm of the absent ``.grad``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from . import check_trainer_accumulation, route_clipping, unwrap_optimizer
+
+__all__ = ["FusedAccumCallback", "FusedAccumTrainer"]
+
+
+class FusedAccumCallback(TrainerCallback):
+    """At the start of training: refuses the Trainer's and the optimizer's accumulation
+    together, and makes a fused_accum optimizer clip at ``max_grad_norm`` (HF's own
+    clipping finds no ``.grad`` with ``accumulate_in_backward`` and would clip nothing)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = unwrap_optimizer(kwargs.get("optimizer"))
+        if optimizer is None:
+            return
+        check_trainer_accumulation(
+            optimizer, args.gradient_accumulation_steps, "gradient_accumulation_steps"
+        )
+        route_clipping(optimizer, args.max_grad_norm, "TrainingArguments.max_grad_norm")
+
+
+class FusedAccumTrainer(Trainer):
+    """A ``Trainer`` with ``FusedAccumAdamW(accumulate_in_backward=True)`` as its default
+    optimizer, clipping in the optimizer and the optimizer's norm logged as
+    ``grad_norm``. ``fused_accum_kwargs``: more options for the optimizer."""
+
+    def __init__(self, *args: Any, fused_accum_kwargs: dict | None = None, **kwargs: Any) -> None:
+        self.fused_accum_kwargs = dict(fused_accum_kwargs or {})
+        super().__init__(*args, **kwargs)
+        self.add_callback(FusedAccumCallback())
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            from .. import FusedAccumAdamW
+
+            _, hf_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            kwargs = {k: v for k, v in hf_kwargs.items() if k in ("lr", "betas", "eps")}
+            kwargs.update(
+                accumulate_in_backward=True, max_grad_norm=self.args.max_grad_norm or None
+            )
+            kwargs.update(self.fused_accum_kwargs)
+            # HF makes its decay / no-decay groups with these defaults
+            self.optimizer_cls_and_kwargs = (FusedAccumAdamW, kwargs)
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """HF's log, with ``grad_norm`` the optimizer's: the norm of the window's mean
+        gradient before clipping (HF's own is that of the absent ``.grad``, 0.0)."""
+        optimizer = unwrap_optimizer(self.optimizer)
+        if optimizer is not None and optimizer.accumulate_in_backward and "grad_norm" in logs:
+            if optimizer.grad_norm is not None:
+                logs["grad_norm"] = float(optimizer.grad_norm)
+            else:  # the optimizer does not clip, so it has no norm: log none, not 0.0
+                del logs["grad_norm"]
+        super().log(logs, start_time)
