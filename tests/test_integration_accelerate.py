@@ -6,6 +6,8 @@ reference (fp32 parameters) and against ideal fp32 accumulation of the bf16 grad
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -112,3 +114,8 @@ def test_misconfigurations_are_refused():
     optimizer = FusedAccumAdamW(net.parameters(), accumulate_in_backward=True, accumulation_steps=N)
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps\)=4 and the optimizer's"):
         _train(net, optimizer)
+    # fp16's GradScaler (on a GPU) cannot check gradients folded in backward
+    fp16 = types.SimpleNamespace(gradient_accumulation_steps=N, scaler=object())
+    optimizer = FusedAccumAdamW(net.parameters(), accumulate_in_backward=True)
+    with pytest.raises(ValueError, match=r"GradScaler, which cannot check gradients"):
+        check_accelerate_setup(fp16, optimizer)

@@ -146,3 +146,17 @@ def test_accumulating_twice_and_clipping_by_value_are_refused():
         _fit(Module(accumulation_steps=N))
     with pytest.raises(ValueError, match=r"gradient_clip_algorithm='value' cannot be applied"):
         _fit(Module(), gradient_clip_algorithm="value")
+
+
+def test_a_second_fit_clips_too():
+    """The callback holds gradient_clip_val only for the length of a fit."""
+    trainer, _ = _fit(Module())
+    assert trainer.gradient_clip_val == CLIP  # put back
+    trainer.fit_loop.max_epochs = 2
+    module = Module()
+    trainer.fit(
+        module,
+        torch.utils.data.DataLoader(ListDataset(make_data(N * BATCH * UPDATES)), batch_size=BATCH),
+    )
+    optimizer = unwrap_optimizer(trainer.optimizers[0])
+    assert optimizer.update_count > 0 and optimizer.max_grad_norm == CLIP  # the new fit's

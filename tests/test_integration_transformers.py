@@ -150,3 +150,40 @@ def test_bf16_parameters_get_exact_fp32_accumulation(tmp_path):
     assert _bf16_run(tmp_path, in_backward=True) < 1e-3
     # the test tells them apart: bf16 .grad accumulation is far off the ideal
     assert _bf16_run(tmp_path, in_backward=False) > 1e-3
+
+
+def test_log_before_training_and_clipping_off(tmp_path):
+    """No optimizer yet: logging works. HF's max_grad_norm <= 0 means no clipping: the
+    optimizer does not clip, and no grad_norm is logged (HF's would be 0.0)."""
+    trainer = FusedAccumTrainer(
+        model=_model(), args=_args(tmp_path, max_grad_norm=-1.0), train_dataset=_dataset()
+    )
+    trainer.log({"loss": 1.0})
+    trainer.train()
+    assert unwrap_optimizer(trainer.optimizer).max_grad_norm is None
+    assert not any("grad_norm" in row for row in trainer.state.log_history)
+
+
+def test_each_build_reads_the_arguments_afresh(tmp_path):
+    """model_init (as hyperparameter search uses it) makes a new optimizer per train()."""
+    trainer = FusedAccumTrainer(model_init=_model, args=_args(tmp_path), train_dataset=_dataset())
+    trainer.train()
+    trainer.args.learning_rate = 0.5
+    trainer.train()
+    assert unwrap_optimizer(trainer.optimizer).defaults["lr"] == 0.5
+
+
+def test_options_that_the_trainer_would_ignore_are_refused(tmp_path):
+    model = _model()
+    optimizer = FusedAccumAdamW(model.parameters(), accumulate_in_backward=True)
+    trainer = FusedAccumTrainer(
+        model=model, args=_args(tmp_path), train_dataset=_dataset(),
+        optimizers=(optimizer, None), fused_accum_kwargs={"master_weights": True},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"give the options to it instead"):
+        trainer.train()
+    trainer = FusedAccumTrainer(
+        model=_model(), args=_args(tmp_path, optim="sgd"), train_dataset=_dataset()
+    )
+    with pytest.raises(ValueError, match=r"TrainingArguments.optim is"):
+        trainer.train()

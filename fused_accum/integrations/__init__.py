@@ -34,9 +34,12 @@ def unwrap_optimizer(optimizer: Any) -> FusedAccumOptimizer | None:
     reads to the optimizer but keeps writes (``set_weight``, ``max_grad_norm = ...``)
     for itself, so set those on what this returns."""
     for _ in range(8):
-        if isinstance(optimizer, FusedAccumOptimizer) and "_accumulation" in vars(optimizer):
+        attributes = getattr(optimizer, "__dict__", None)
+        if attributes is None:  # None (no optimizer yet), or not an object with attributes
+            return None
+        if isinstance(optimizer, FusedAccumOptimizer) and "_accumulation" in attributes:
             return optimizer
-        inner = vars(optimizer).get("optimizer", vars(optimizer).get("_optimizer"))
+        inner = attributes.get("optimizer", attributes.get("_optimizer"))
         if inner is None or inner is optimizer:
             return None
         optimizer = inner

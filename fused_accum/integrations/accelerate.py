@@ -41,6 +41,7 @@ def check_accelerate_setup(accelerator: Any, optimizer: Any) -> None:
     if getattr(accelerator, "scaler", None) is not None and inner.accumulate_in_backward:
         raise ValueError(
             "mixed_precision='fp16' brings a GradScaler, which cannot check gradients that "
-            "accumulate_in_backward=True already folded: use the optimizer's "
-            "loss_scaling=True (optimizer.scale_loss(loss) before backward) instead"
+            "accumulate_in_backward=True already folded: use Accelerator(mixed_precision="
+            "'no') with autocast of your own, and the optimizer's loss_scaling=True "
+            "(optimizer.scale_loss(loss) before backward) instead"
         )

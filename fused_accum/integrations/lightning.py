@@ -11,10 +11,11 @@
 
 Lightning divides each loss by ``accumulate_grad_batches`` and calls ``step()`` (and the
 scheduler) once per window. The callback refuses double accumulation, moves
-``gradient_clip_val`` into the optimizer's ``max_grad_norm`` (Lightning's clipping would
-find no ``.grad``, and under ``precision="bf16-mixed"`` it refuses optimizers that
-unscale themselves, as ours do), and logs the optimizer's gradient norm as
-``grad_norm`` after each update.
+``gradient_clip_val`` into the optimizer's ``max_grad_norm`` for the length of a fit
+(Lightning's clipping would find no ``.grad``; that also spares
+``precision="bf16-mixed"`` its refusal of clipping with optimizers that unscale
+themselves, as ours do), and logs the optimizer's gradient norm as ``grad_norm`` after
+each update.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ class FusedAccumCallback(pl.Callback):
 
     def __init__(self, log_name: str = "grad_norm") -> None:
         self.log_name = log_name
+        self._clip_value: Any = None  # the trainer's gradient_clip_val while we hold it
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._clip_value = trainer.gradient_clip_val
+        routed = False
         for wrapped in trainer.optimizers:
             optimizer = unwrap_optimizer(wrapped)
             if optimizer is None:
@@ -43,7 +47,7 @@ class FusedAccumCallback(pl.Callback):
             check_trainer_accumulation(
                 optimizer, trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches)"
             )
-            if not (trainer.gradient_clip_val and optimizer.accumulate_in_backward):
+            if not (self._clip_value and optimizer.accumulate_in_backward):
                 continue
             algorithm = trainer.gradient_clip_algorithm
             if str(getattr(algorithm, "value", algorithm)) == "value":
@@ -51,8 +55,15 @@ class FusedAccumCallback(pl.Callback):
                     "gradient_clip_algorithm='value' cannot be applied with "
                     "accumulate_in_backward=True (there is no .grad to clamp); clip by norm"
                 )
-            route_clipping(optimizer, trainer.gradient_clip_val, "Trainer(gradient_clip_val)")
-            trainer.gradient_clip_val = None  # the optimizer clips now
+            route_clipping(optimizer, self._clip_value, "Trainer(gradient_clip_val)")
+            routed = True
+        if routed:
+            trainer.gradient_clip_val = None  # the optimizer clips now (put back at the end)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self._clip_value is not None:
+            trainer.gradient_clip_val = self._clip_value  # for a later fit()
+            self._clip_value = None
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -55,18 +55,38 @@ class FusedAccumTrainer(Trainer):
         self.add_callback(FusedAccumCallback())
 
     def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
-            from .. import FusedAccumAdamW
+        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            if self.fused_accum_kwargs:
+                raise ValueError(
+                    "fused_accum_kwargs configure the optimizer FusedAccumTrainer makes; with "
+                    "an optimizer of your own (optimizers= or optimizer_cls_and_kwargs=) give "
+                    "the options to it instead"
+                )
+            return super().create_optimizer(model)
+        from .. import FusedAccumAdamW
 
-            _, hf_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
-            kwargs = {k: v for k, v in hf_kwargs.items() if k in ("lr", "betas", "eps")}
-            kwargs.update(
-                accumulate_in_backward=True, max_grad_norm=self.args.max_grad_norm or None
+        if "adamw" not in str(getattr(self.args.optim, "value", self.args.optim)):
+            raise ValueError(
+                f"FusedAccumTrainer makes FusedAccumAdamW, but TrainingArguments.optim is "
+                f"{self.args.optim!r}: leave optim at its AdamW default, or pass an optimizer "
+                f"of your own with optimizers=(optimizer, scheduler)"
             )
-            kwargs.update(self.fused_accum_kwargs)
-            # HF makes its decay / no-decay groups with these defaults
-            self.optimizer_cls_and_kwargs = (FusedAccumAdamW, kwargs)
-        return super().create_optimizer(model)
+        clip = self.args.max_grad_norm
+        kwargs = {
+            "lr": self.args.learning_rate,
+            "betas": (self.args.adam_beta1, self.args.adam_beta2),
+            "eps": self.args.adam_epsilon,
+            "accumulate_in_backward": True,
+            "max_grad_norm": clip if clip and clip > 0 else None,  # HF: <= 0 is no clipping
+            **self.fused_accum_kwargs,
+        }
+        # for this build only: HF makes its decay / no-decay groups around these, and a
+        # later build (model_init, hyperparameter search) reads the arguments afresh
+        self.optimizer_cls_and_kwargs = (FusedAccumAdamW, kwargs)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """HF's log, with ``grad_norm`` the optimizer's: the norm of the window's mean
