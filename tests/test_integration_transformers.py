@@ -187,3 +187,14 @@ def test_options_that_the_trainer_would_ignore_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"TrainingArguments.optim is"):
         trainer.train()
+
+
+def test_the_optimizer_is_made_as_hf_makes_adamw(tmp_path):
+    args = _args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)
+    trainer = FusedAccumTrainer(model=_model(), args=args, train_dataset=_dataset())
+    optimizer = unwrap_optimizer(trainer.create_optimizer())
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [p.dim() for p in decay["params"]] == [2, 2]  # weights decay, biases do not
+    assert decay["betas"] == (0.8, 0.99) and decay["eps"] == 1e-6 and decay["lr"] == LR
+    assert optimizer.accumulate_in_backward and optimizer.max_grad_norm == CLIP
