@@ -160,3 +160,15 @@ def test_a_second_fit_clips_too():
     )
     optimizer = unwrap_optimizer(trainer.optimizers[0])
     assert optimizer.update_count > 0 and optimizer.max_grad_norm == CLIP  # the new fit's
+
+
+def test_bf16_mixed_precision_with_clipping():
+    """Lightning refuses its own clipping for optimizers that unscale themselves, as ours
+    say they do; the callback's routing leaves it nothing to refuse."""
+    module = Module()
+    init = snapshot(module.net)
+    trainer, _ = _fit(module, precision="bf16-mixed")
+    optimizer = unwrap_optimizer(trainer.optimizers[0])
+    assert optimizer.update_count == UPDATES and optimizer.max_grad_norm == CLIP
+    trained = snapshot(module.net)
+    assert all(not torch.equal(trained[name], value) for name, value in init.items())

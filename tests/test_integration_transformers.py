@@ -198,3 +198,21 @@ def test_the_optimizer_is_made_as_hf_makes_adamw(tmp_path):
     assert [p.dim() for p in decay["params"]] == [2, 2]  # weights decay, biases do not
     assert decay["betas"] == (0.8, 0.99) and decay["eps"] == 1e-6 and decay["lr"] == LR
     assert optimizer.accumulate_in_backward and optimizer.max_grad_norm == CLIP
+
+
+def test_resuming_from_a_checkpoint_is_bit_for_bit(tmp_path):
+    """HF saves the optimizer's state_dict() at its save steps (window boundaries) and
+    loads it on resume."""
+    straight = _model()
+    FusedAccumTrainer(
+        model=straight, args=_args(tmp_path / "straight"), train_dataset=_dataset()
+    ).train()
+    first = _model()
+    args = _args(tmp_path / "saved", save_strategy="steps", save_steps=2)
+    FusedAccumTrainer(model=first, args=args, train_dataset=_dataset()).train()
+    resumed = _model()
+    trainer = FusedAccumTrainer(model=resumed, args=args, train_dataset=_dataset())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "saved" / "checkpoint-2"))
+    assert unwrap_optimizer(trainer.optimizer).update_count == UPDATES
+    for name, value in snapshot(straight).items():
+        assert torch.equal(snapshot(resumed)[name], value), name
