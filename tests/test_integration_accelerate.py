@@ -119,3 +119,34 @@ def test_misconfigurations_are_refused():
     optimizer = FusedAccumAdamW(net.parameters(), accumulate_in_backward=True)
     with pytest.raises(ValueError, match=r"GradScaler, which cannot check gradients"):
         check_accelerate_setup(fp16, optimizer)
+
+
+def test_token_weights_with_windows_the_optimizer_owns():
+    """The exact token mean over a window whose micro-batches hold different token
+    counts: Accelerate does not accumulate, the optimizer does (accumulation_steps=4),
+    each micro-batch weighted by its tokens; the scheduler steps only when an update
+    was applied."""
+    net = model()
+    init = snapshot(net)
+    optimizer = FusedAccumAdamW(
+        net.parameters(), lr=LR, weight_decay=0.0, accumulate_in_backward=True,
+        accumulation_steps=N, max_grad_norm=CLIP, backend="torch",
+    )  # fmt: skip
+    accelerator = accelerate.Accelerator(cpu=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: (UPDATES - k) / UPDATES)
+    loader = torch.utils.data.DataLoader(
+        ListDataset(make_data(N * BATCH * UPDATES)), batch_size=BATCH
+    )
+    net, optimizer, loader, schedule = accelerator.prepare(net, optimizer, loader, schedule)
+    check_accelerate_setup(accelerator, optimizer)
+    inner, seen = unwrap_optimizer(optimizer), []
+    for batch in loader:
+        seen.append((batch["x"], batch["labels"]))
+        inner.set_weight(int(batch["labels"].ne(-100).sum()))  # before its backward
+        accelerator.backward(token_loss(net.logits(batch["x"]), batch["labels"]))
+        optimizer.step()
+        if inner.last_step_applied:
+            schedule.step()
+    assert inner.update_count == UPDATES
+    expected, _ = fp64_reference(init, windows_of(seen), mode="tokens", clip=CLIP, lrs=LINEAR)
+    assert moved_off(snapshot(net), expected, init) < 1e-5
