@@ -183,6 +183,7 @@ class FusedAccumOptimizer(
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float | None) -> None:
+        self._refuse_if_wrapped("max_grad_norm = ...")
         value = check_max_grad_norm(value)
         accumulation = self._accumulation
         mixed = bool(accumulation.shards) and len(accumulation.shards) < len(accumulation.slots)
@@ -201,6 +202,7 @@ class FusedAccumOptimizer(
 
     @accumulation_steps.setter
     def accumulation_steps(self, value: int) -> None:
+        self._refuse_if_wrapped("accumulation_steps = ...")
         self._accumulation_steps = check_accumulation_steps(value)
 
     @property
@@ -265,6 +267,7 @@ class FusedAccumOptimizer(
         With ``accumulate_in_backward=True``, once backward has folded gradients of the
         micro-batch its weight can no longer change (they were folded with it): a
         different weight then raises an error."""
+        self._refuse_if_wrapped("set_weight()")
         weight = check_weight(weight)
         if self._folded_since_step and weight != self._pending_weight:
             raise RuntimeError(
@@ -273,6 +276,17 @@ class FusedAccumOptimizer(
                 f"(set_weight(), then backward, then step())"
             )
         self._pending_weight = weight
+
+    def _refuse_if_wrapped(self, what: str) -> None:
+        """A wrapper that forwards reads to us but keeps writes for itself (Lightning's
+        ``LightningOptimizer`` subclasses our class) would silently keep the setting."""
+        if "_accumulation" not in vars(self):
+            raise RuntimeError(
+                f"{what} was called on a wrapper of the optimizer ({type(self).__name__}), "
+                f"which would keep the setting itself and leave the optimizer as it was: call "
+                f"it on fused_accum.integrations.unwrap_optimizer(...) (in Lightning, "
+                f"unwrap_optimizer(self.optimizers()))"
+            )
 
     def _refuse_if_incomplete(self) -> None:
         if self._incomplete_micro_batch:

@@ -172,3 +172,40 @@ def test_bf16_mixed_precision_with_clipping():
     assert optimizer.update_count == UPDATES and optimizer.max_grad_norm == CLIP
     trained = snapshot(module.net)
     assert all(not torch.equal(trained[name], value) for name, value in init.items())
+
+
+class WeightedModule(Module):
+    """Windows the optimizer owns: each micro-batch weighted by its tokens, the schedule
+    stepped only when an update was applied."""
+
+    def training_step(self, batch, index):
+        tokens = int(batch["labels"].ne(-100).sum())
+        unwrap_optimizer(self.optimizers()).set_weight(tokens)  # before its backward
+        return super().training_step(batch, index)
+
+    def lr_scheduler_step(self, scheduler, metric):
+        if unwrap_optimizer(self.optimizers()).last_step_applied:
+            scheduler.step()
+
+
+def test_token_weights_with_windows_the_optimizer_owns():
+    module = WeightedModule(accumulation_steps=N)
+    init = snapshot(module.net)
+    trainer, _ = _fit(module, accumulate_grad_batches=1)
+    assert unwrap_optimizer(trainer.optimizers[0]).update_count == UPDATES
+    expected, _ = fp64_reference(
+        init, windows_of(module.seen), mode="tokens", clip=CLIP, lrs=LINEAR
+    )
+    assert moved_off(snapshot(module.net), expected, init) < 1e-5
+
+
+def test_settings_through_lightnings_wrapper_are_refused():
+    """LightningOptimizer forwards reads but keeps writes: a weight set on it was lost."""
+
+    class Wrapped(WeightedModule):
+        def training_step(self, batch, index):
+            self.optimizers().set_weight(2.0)
+            return Module.training_step(self, batch, index)
+
+    with pytest.raises(RuntimeError, match=r"set_weight\(\) was called on a wrapper"):
+        _fit(Wrapped(accumulation_steps=N), accumulate_grad_batches=1)
