@@ -141,23 +141,6 @@ class AccumulationState:
         start, stop = group.piece(index)
         return group.memory_order(index, value)[start:stop]
 
-    def gathered_states(self, dist, process_group) -> dict[int, dict[str, torch.Tensor]]:
-        """With ``state_shard``, a collective: id(param) -> {name: its whole state}, on
-        the host, every rank's chunks of the flat states gathered (in the same order on
-        every rank: the groups and their states are made alike everywhere). One whole
-        flat state at a time is on the device, so a checkpoint needs 4 bytes per
-        element of device memory beside the shards, not the whole state."""
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        whole: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-        for group in self.groups.values():
-            for name, chunk in group.states.items():
-                flat = chunk.new_empty(group.numel)
-                gather(flat, chunk, group=process_group)
-                flat = flat.cpu()
-                for index, param in enumerate(group.params):
-                    whole[id(param)][name] = group.view(flat, index)
-        return whole
-
     @property
     def devices(self) -> list[torch.device]:
         """The devices of the groups, in the order the parameters were added."""

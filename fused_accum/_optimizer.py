@@ -102,7 +102,6 @@ class FusedAccumOptimizer(
         if process_group is not None:
             self._reducer = WindowReducer(process_group)
             if shard_state and self._reducer.world_size > 1:  # one rank: nothing to shard
-                self._reducer.shard_state = True
                 self._accumulation.state_shard = (self._reducer.rank, self._reducer.world_size)
         self._hooks: dict[torch.Tensor, torch.utils.hooks.RemovableHandle] = {}
         self._hooked_ids: set[int] = set()

@@ -70,13 +70,8 @@ class StateDictMixin:
             "incomplete_micro_batch": self._incomplete_micro_batch,
         }
         if self._loss_scale is not None:
-            if checkpoint is not None and accumulation.shard_mesh is not None:
-                # DCP keeps one rank's copy of a plain tensor: the flag of every shard
-                torch.distributed.all_reduce(
-                    self._loss_scale.found_inf,
-                    torch.distributed.ReduceOp.MAX,
-                    group=accumulation.shard_mesh.get_group(),
-                )
+            if checkpoint is not None:  # DCP keeps one rank's copy of a plain tensor
+                self._overflow_of_every_shard()
             saved = self._loss_scale.state_dict()
             window["loss_scale"] = saved
             # the buffers hold the window's sums times the loss scale (read once here)
@@ -116,8 +111,7 @@ class StateDictMixin:
     def _gather_state(self, state_dict: dict[str, Any]) -> None:
         """With shard_state: the flat states in ``state_dict`` whole, gathered from every
         rank (a collective), in place of this rank's pieces."""
-        reducer = self._reducer
-        whole = self._accumulation.gathered_states(reducer.dist, reducer.group)
+        whole = self._reducer.gather_states(self._accumulation)
         params = self._all_params()
         for index, param_state in list(state_dict["state"].items()):
             gathered = whole[id(params[index])]

@@ -193,11 +193,7 @@ class WindowUpdate:
         if self._accumulation.state_shard is not None:
             norm_group = self._reducer.group
         if self._loss_scale is not None:
-            if mesh is not None:  # DTensor parameters: a non-finite value in any shard
-                found_inf = self._loss_scale.found_inf
-                torch.distributed.all_reduce(
-                    found_inf, torch.distributed.ReduceOp.MAX, group=mesh.get_group()
-                )
+            self._overflow_of_every_shard()
             skip = self._loss_scale.found_inf.reshape(()).clone()
             factor = self._loss_scale.scale.reshape(()).reciprocal()  # exact: a power of 2
         if squares is not None:
@@ -211,6 +207,15 @@ class WindowUpdate:
             self._grad_norm = norm
         scalars = torch.stack([skip, factor]).double()
         return {device: scalars.to(device) for device in devices}
+
+    def _overflow_of_every_shard(self) -> None:
+        """With DTensor parameters, the loss scale's overflow flag raised on every rank
+        if a non-finite value reached any rank's shard (one all-reduce, on the device)."""
+        mesh = self._accumulation.shard_mesh
+        if mesh is not None:
+            torch.distributed.all_reduce(
+                self._loss_scale.found_inf, torch.distributed.ReduceOp.MAX, group=mesh.get_group()
+            )
 
     def _for_backend(
         self, batch: StepBatch, *states: list[torch.Tensor] | None

@@ -110,7 +110,6 @@ class WindowReducer:
         self.group = group
         self.world_size = self.dist.get_world_size(group)
         self.rank = self.dist.get_rank(group)
-        self.shard_state = False  # set by the optimizer (shard_state, with several ranks)
         self._reduce_scatter = _collective(
             self.dist, "reduce_scatter_single", "reduce_scatter_tensor"
         )
@@ -154,7 +153,7 @@ class WindowReducer:
             if count > 0 and id(param) not in accumulation.holds_sum:
                 accumulation.buffer_view(param).zero_()  # a sum from other ranks only
                 accumulation.holds_sum.add(id(param))
-        if self.shard_state:
+        if accumulation.state_shard is not None:
             self._reduce_scatter_buffers(accumulation)
         else:
             self._all_reduce_buffers(accumulation)
@@ -179,19 +178,31 @@ class WindowReducer:
         dead once the update has read it, taken in the parameters' dtype (half the
         bytes of an fp32 all-reduce for bf16 parameters), then copied out."""
         for flat_group in accumulation.groups.values():
-            count = len(flat_group.params)
+            indices = range(len(flat_group.params))
             scratch = flat_group.buffer.view(flat_group.param_dtype)[: flat_group.numel]
             low, high = flat_group.chunk
-            pieces = [i for i in range(count) if flat_group.piece(i)[0] < flat_group.piece(i)[1]]
-            if pieces:
-                torch._foreach_copy_(
-                    [flat_group.flat_piece(scratch, i) for i in pieces],
-                    [flat_group.param_piece(i) for i in pieces],
-                )
-            self._all_gather(scratch, scratch[low:high], group=self.group)
-            torch._foreach_copy_(
-                flat_group.params, [flat_group.view(scratch, i) for i in range(count)]
+            torch._foreach_copy_(  # this rank's pieces (empty ones too) into its chunk
+                [flat_group.flat_piece(scratch, i) for i in indices],
+                [flat_group.param_piece(i) for i in indices],
             )
+            self._all_gather(scratch, scratch[low:high], group=self.group)
+            torch._foreach_copy_(flat_group.params, [flat_group.view(scratch, i) for i in indices])
+
+    def gather_states(self, accumulation: Any) -> dict[int, dict[str, torch.Tensor]]:
+        """With ``shard_state``, a collective: id(param) -> {name: its whole state}, on
+        the host, every rank's chunks of the flat states gathered (in the same order on
+        every rank: the groups and their states are made alike everywhere). One whole
+        flat state at a time is on the device, so a checkpoint needs 4 bytes per
+        element of device memory beside the shards, not the whole state."""
+        whole: dict[int, dict[str, torch.Tensor]] = {}
+        for flat_group in accumulation.groups.values():
+            for name, chunk in flat_group.states.items():
+                flat = chunk.new_empty(flat_group.numel)
+                self._all_gather(flat, chunk, group=self.group)
+                flat = flat.cpu()
+                for index, param in enumerate(flat_group.params):
+                    whole.setdefault(id(param), {})[name] = flat_group.view(flat, index)
+        return whole
 
     def _all_reduce_buffers(self, accumulation: Any) -> None:
         handles = []
