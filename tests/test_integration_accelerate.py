@@ -13,15 +13,19 @@ import torch
 
 accelerate = pytest.importorskip("accelerate")
 
+from readme_recipes import run_recipe  # noqa: E402
 from trainer_cases import (  # noqa: E402
     BATCH,
     CLIP,
     LR,
+    MLP,
     UPDATES,
     ListDataset,
     N,
     bf16_ideal,
+    check_fp32_run,
     fp64_reference,
+    linear,
     make_data,
     model,
     moved_off,
@@ -150,3 +154,43 @@ def test_token_weights_with_windows_the_optimizer_owns():
     assert inner.update_count == UPDATES
     expected, _ = fp64_reference(init, windows_of(seen), mode="tokens", clip=CLIP, lrs=LINEAR)
     assert moved_off(snapshot(net), expected, init) < 1e-5
+
+
+class LossModel(MLP):
+    """``model(**batch).loss`` is the batch's token mean, as the README's recipes take
+    it. Records what it trains on."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__()
+        self.seen: list = []
+
+    def forward(self, x, labels):
+        if torch.is_grad_enabled():
+            self.seen.append((x.detach().clone(), labels.detach().clone()))
+        return types.SimpleNamespace(loss=token_loss(self.logits(x), labels))
+
+
+@pytest.mark.parametrize("name", ["accelerate", "accelerate-tokens"])
+def test_the_readme_recipes(name):
+    """The README's recipes as written, on LossModel and 20 batches of 2 (inputs large
+    enough that most windows clip at the recipes' 1.0)."""
+    net = LossModel()
+    init = snapshot(net)
+    loader = torch.utils.data.DataLoader(
+        ListDataset(make_data(N * BATCH * UPDATES, scale=100)), batch_size=BATCH
+    )
+    ran = run_recipe(name, model=net, loader=loader)
+    optimizer = unwrap_optimizer(ran["optimizer"])
+    window = ran["accelerator"].gradient_accumulation_steps * optimizer.accumulation_steps
+    assert optimizer.update_count == ran["updates"] == UPDATES
+    norms = check_fp32_run(
+        snapshot(net), init, windows_of(net.seen, window),
+        mode="tokens" if name.endswith("tokens") else "mean_of_means",
+        clip=optimizer.max_grad_norm, lrs=linear(optimizer.defaults["lr"], UPDATES),
+        weight_decay=optimizer.defaults["weight_decay"],
+    )  # fmt: skip
+    assert max(norms) > optimizer.max_grad_norm  # the clipping mattered
+    assert float(optimizer.grad_norm) == pytest.approx(norms[-1], rel=1e-5)
+    if name == "accelerate":
+        assert ran["grad_norm"] is optimizer.grad_norm

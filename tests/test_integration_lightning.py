@@ -11,6 +11,7 @@ import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 
+from readme_recipes import run_recipe  # noqa: E402
 from trainer_cases import (  # noqa: E402
     BATCH,
     CLIP,
@@ -20,7 +21,9 @@ from trainer_cases import (  # noqa: E402
     ListDataset,
     N,
     bf16_ideal,
+    check_fp32_run,
     fp64_reference,
+    linear,
     make_data,
     moved_off,
     snapshot,
@@ -58,20 +61,28 @@ class ListLogger(pl.loggers.Logger):
         self.rows.append(dict(metrics))
 
 
-class Module(pl.LightningModule):
-    """The per-batch token mean as the loss (Lightning divides it by the window length);
-    a linear schedule stepped per update. Records what it trains on."""
+class Model(pl.LightningModule):
+    """The user's module of the README's recipes: the per-batch token mean as the loss
+    (Lightning divides it by the window length). Records what it trains on."""
 
-    def __init__(self, **optimizer_options) -> None:
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = MLP()
-        self.options = optimizer_options
         self.seen: list = []
 
     def training_step(self, batch, index):
         self.seen.append((batch["x"].detach().clone(), batch["labels"].detach().clone()))
         return token_loss(self.net.logits(batch["x"]), batch["labels"])
+
+
+class Module(Model):
+    """With fused_accum's AdamW (``optimizer_options``) and a linear schedule stepped per
+    update."""
+
+    def __init__(self, **optimizer_options) -> None:
+        super().__init__()
+        self.options = optimizer_options
 
     def configure_optimizers(self):
         options = {"accumulate_in_backward": True, "backend": "torch", **self.options}
@@ -172,6 +183,30 @@ def test_bf16_mixed_precision_with_clipping():
     assert optimizer.update_count == UPDATES and optimizer.max_grad_norm == CLIP
     trained = snapshot(module.net)
     assert all(not torch.equal(trained[name], value) for name, value in init.items())
+
+
+@pytest.mark.parametrize("name", ["lightning", "lightning-tokens"])
+def test_the_readme_recipes(name, tmp_path, monkeypatch):
+    """The README's recipes as written (3 epochs of 20 batches of 2, inputs large enough
+    that most windows clip at the recipes' 1.0), on Model and Lightning's defaults."""
+    monkeypatch.chdir(tmp_path)  # Lightning's logs and checkpoints
+    init = snapshot(Model().net)
+    loader = torch.utils.data.DataLoader(
+        ListDataset(make_data(N * BATCH * UPDATES, scale=100)), batch_size=BATCH
+    )
+    trainer = run_recipe(name, Model=Model, loader=loader)["trainer"]
+    module, optimizer = trainer.lightning_module, unwrap_optimizer(trainer.optimizers[0])
+    window = trainer.accumulate_grad_batches * optimizer.accumulation_steps
+    updates = 3 * UPDATES
+    assert optimizer.update_count == updates
+    norms = check_fp32_run(
+        snapshot(module.net), init, windows_of(module.seen, window),
+        mode="tokens" if name.endswith("tokens") else "mean_of_means",
+        clip=optimizer.max_grad_norm, lrs=linear(optimizer.defaults["lr"], updates),
+        weight_decay=optimizer.defaults["weight_decay"],
+    )  # fmt: skip
+    assert max(norms) > optimizer.max_grad_norm  # the clipping mattered
+    assert float(trainer.callback_metrics["grad_norm"]) == pytest.approx(norms[-1], rel=1e-5)
 
 
 class WeightedModule(Module):

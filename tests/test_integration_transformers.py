@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from readme_recipes import run_recipe  # noqa: E402
 from trainer_cases import (  # noqa: E402
     BATCH,
     CLIP,
@@ -20,7 +21,9 @@ from trainer_cases import (  # noqa: E402
     ListDataset,
     N,
     bf16_ideal,
+    check_fp32_run,
     fp64_reference,
+    linear,
     make_data,
     moved_off,
     snapshot,
@@ -95,6 +98,26 @@ def test_the_trainer_with_fused_accum_equals_exact_accumulation(tmp_path):
     assert moved_off(snapshot(model), expected, init) < 1e-5
     logged = [row["grad_norm"] for row in trainer.state.log_history if "grad_norm" in row]
     assert logged == pytest.approx(norms, rel=1e-5)  # the true norm, not 0.0
+
+
+def test_the_readme_recipe(tmp_path, monkeypatch):
+    """The README's recipe as written, on TokenModel and 8 batches of 8 an epoch (inputs
+    large enough that most windows clip at the recipe's 1.0)."""
+    monkeypatch.chdir(tmp_path)  # the recipe's output_dir="out"
+    model = _model()
+    init = snapshot(model)
+    ran = run_recipe("transformers", model=model, dataset=ListDataset(make_data(64, scale=100)))
+    trainer = ran["trainer"]
+    args, updates = trainer.args, trainer.state.max_steps
+    optimizer = unwrap_optimizer(trainer.optimizer)
+    assert optimizer.update_count == updates == 6
+    norms = check_fp32_run(
+        snapshot(model), init, windows_of(model.seen, args.gradient_accumulation_steps),
+        mode="tokens", clip=args.max_grad_norm, lrs=linear(args.learning_rate, updates),
+        weight_decay=args.weight_decay,
+    )  # fmt: skip
+    assert max(norms) > args.max_grad_norm  # the clipping mattered
+    assert float(optimizer.grad_norm) == pytest.approx(norms[-1], rel=1e-5)
 
 
 def test_a_trainer_of_ones_own_with_the_callback_clips_in_the_optimizer(tmp_path):

@@ -23,7 +23,8 @@ LR = 1e-2
 CLIP = 0.05  # below every window's norm here: every window clips
 
 
-def make_data(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def make_data(count: int, seed: int = 0, scale: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    """``count`` items of SEQ tokens; ``scale`` the inputs' standard deviation."""
     generator = torch.Generator().manual_seed(seed)
     items = []
     for _ in range(count):
@@ -31,7 +32,8 @@ def make_data(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
         ignored = torch.rand(SEQ, generator=generator) < 0.4
         ignored[0] = False  # at least one counted token
         labels[ignored] = -100
-        items.append({"x": torch.randn(SEQ, D_IN, generator=generator), "labels": labels})
+        x = torch.randn(SEQ, D_IN, generator=generator) * scale
+        items.append({"x": x, "labels": labels})
     return items
 
 
@@ -81,16 +83,19 @@ def _window_loss(net, window, mode, x_dtype=None):
     return [token_loss(net.logits(x), labels) / len(window) for x, labels in window]
 
 
-def fp64_reference(init, windows, *, mode, clip=None, lrs=None):
-    """(parameters, pre-clip norms) of fp64 AdamW (weight decay 0) on each window's mean
-    gradient; ``windows``: lists of (x, labels); ``lrs``: the learning rate per update."""
-    net = MLP().double()
-    net.load_state_dict({k: v.double() for k, v in init.items()})
-    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
+def fp64_reference(
+    init, windows, *, mode, clip=None, lrs=None, weight_decay=0.0, dtype=torch.float64
+):
+    """(parameters, pre-clip norms) of fp64 AdamW on each window's mean gradient;
+    ``windows``: lists of (x, labels); ``lrs``: the learning rate per update.
+    ``dtype=torch.float32``: torch.optim's own fp32 run of the same."""
+    net = MLP().to(dtype)
+    net.load_state_dict({k: v.to(dtype) for k, v in init.items()})
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=weight_decay)
     norms = []
     for index, window in enumerate(windows):
         optimizer.zero_grad()
-        for loss in _window_loss(net, [(x.double(), y) for x, y in window], mode):
+        for loss in _window_loss(net, [(x.to(dtype), y) for x, y in window], mode):
             loss.backward()
         if lrs is not None:
             optimizer.param_groups[0]["lr"] = lrs[index]
@@ -98,6 +103,19 @@ def fp64_reference(init, windows, *, mode, clip=None, lrs=None):
         norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), limit)))
         optimizer.step()
     return snapshot(net), norms
+
+
+def check_fp32_run(trained, init, windows, *, mode, clip, lrs, weight_decay) -> list[float]:
+    """Assert that fp32 parameters ``trained`` are as close to the fp64 reference as
+    torch.optim's own fp32 run on the same windows is (within 2x): at the small learning
+    rates of a recipe, fp32 rounding of the weights dominates both. Returns the
+    reference's pre-clip norms."""
+    settings = dict(mode=mode, clip=clip, lrs=lrs, weight_decay=weight_decay)
+    expected, norms = fp64_reference(init, windows, **settings)
+    torch_fp32, _ = fp64_reference(init, windows, **settings, dtype=torch.float32)
+    ours, theirs = moved_off(trained, expected, init), moved_off(torch_fp32, expected, init)
+    assert ours <= 2 * theirs, f"{ours:.3g} off fp64, torch.optim's fp32 run {theirs:.3g}"
+    return norms
 
 
 def bf16_ideal(init, windows, *, mode, clip=None):
@@ -135,6 +153,12 @@ def moved_off(trained, reference, init) -> float:
         moved = (expected - init[key].double()).norm()
         worst = max(worst, float((trained[key].double() - expected).norm() / moved))
     return worst
+
+
+def linear(lr: float, updates: int) -> list[float]:
+    """The learning rate of each update under a linear decay to 0 without warmup (HF's
+    "linear", ``LinearLR(optimizer, 1.0, 0.0, total_iters=updates)``)."""
+    return [lr * (updates - k) / updates for k in range(updates)]
 
 
 def windows_of(micro_batches: list, size: int = N) -> list:
