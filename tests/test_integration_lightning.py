@@ -185,6 +185,28 @@ def test_bf16_mixed_precision_with_clipping():
     assert all(not torch.equal(trained[name], value) for name, value in init.items())
 
 
+class TorchModule(Module):
+    """torch.optim's AdamW with the same schedule."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: (UPDATES - k) / UPDATES)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_bf16_mixed_clipping_of_autograds_grad():
+    """Without accumulate_in_backward (autograd sums in .grad) under bf16-mixed,
+    Lightning refuses to clip for optimizers that unscale themselves, as ours say they
+    do; the callback has the optimizer clip instead, as Lightning clips for torch.optim."""
+    ours = Module(accumulate_in_backward=False)
+    trainer, _ = _fit(ours, precision="bf16-mixed")
+    assert unwrap_optimizer(trainer.optimizers[0]).max_grad_norm == CLIP
+    theirs = TorchModule()
+    _fit(theirs, precision="bf16-mixed", callbacks=[])
+    for name, value in snapshot(theirs.net).items():
+        torch.testing.assert_close(snapshot(ours.net)[name], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["lightning", "lightning-tokens"])
 def test_the_readme_recipes(name, tmp_path, monkeypatch):
     """The README's recipes as written (3 epochs of 20 batches of 2, inputs large enough

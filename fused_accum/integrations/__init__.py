@@ -62,19 +62,20 @@ def check_trainer_accumulation(
 
 
 def route_clipping(optimizer: FusedAccumOptimizer, threshold: Any, setting: str) -> bool:
-    """Make the optimizer clip at the trainer's ``threshold`` when the trainer's own
-    clipping would find no ``.grad`` (``accumulate_in_backward``). Returns whether it
-    did; raises if the optimizer already clips at another threshold."""
-    if not threshold or threshold <= 0 or not optimizer.accumulate_in_backward:
-        return False  # nothing to clip, or .grad exists and the trainer clips it
+    """Make the optimizer clip the window's gradient at the trainer's ``threshold``, in
+    place of the trainer (whose clipping reads ``.grad``, absent with
+    ``accumulate_in_backward``). Returns whether it did; raises if the optimizer already
+    clips at another threshold."""
+    if not threshold or threshold <= 0:
+        return False  # the trainer does not clip
     threshold = float(threshold)
     if optimizer.max_grad_norm is None:
         optimizer.max_grad_norm = threshold
     elif optimizer.max_grad_norm != threshold:
         raise ValueError(
             f"{setting}={threshold} but the optimizer has max_grad_norm="
-            f"{optimizer.max_grad_norm}: with accumulate_in_backward=True only the "
-            f"optimizer can clip (there is no .grad for the trainer to clip); give the "
-            f"threshold in one place"
+            f"{optimizer.max_grad_norm}: the optimizer clips in place of the trainer "
+            f"(with accumulate_in_backward=True there is no .grad for the trainer to "
+            f"clip); give the threshold in one place"
         )
     return True

@@ -10,11 +10,11 @@
                          callbacks=[FusedAccumCallback()])
 
 Lightning divides each loss by ``accumulate_grad_batches`` and calls ``step()`` (and the
-scheduler) once per window. The callback refuses double accumulation, moves
+scheduler) once per window. The callback refuses double accumulation, moves a by-norm
 ``gradient_clip_val`` into the optimizer's ``max_grad_norm`` for the length of a fit
-(Lightning's clipping would find no ``.grad``; that also spares
-``precision="bf16-mixed"`` its refusal of clipping with optimizers that unscale
-themselves, as ours do), and logs the optimizer's gradient norm as ``grad_norm`` after
+(with ``accumulate_in_backward`` Lightning's clipping would find no ``.grad``; in every
+mode that also spares mixed precision Lightning's refusal of clipping with optimizers
+that unscale themselves, as ours do), and logs the optimizer's gradient norm as ``grad_norm`` after
 each update.
 """
 
@@ -47,14 +47,19 @@ class FusedAccumCallback(pl.Callback):
             check_trainer_accumulation(
                 optimizer, trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches)"
             )
-            if not (self._clip_value and optimizer.accumulate_in_backward):
+            if not self._clip_value:
                 continue
             algorithm = trainer.gradient_clip_algorithm
             if str(getattr(algorithm, "value", algorithm)) == "value":
+                if not optimizer.accumulate_in_backward:
+                    continue  # Lightning clamps the .grad that is there
                 raise ValueError(
                     "gradient_clip_algorithm='value' cannot be applied with "
                     "accumulate_in_backward=True (there is no .grad to clamp); clip by norm"
                 )
+            # by norm the optimizer clips in every mode: with accumulate_in_backward
+            # Lightning would find no .grad, and under mixed precision it refuses to clip
+            # for optimizers that unscale gradients themselves, as ours say they do
             route_clipping(optimizer, self._clip_value, "Trainer(gradient_clip_val)")
             routed = True
         if routed:

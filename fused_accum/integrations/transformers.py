@@ -41,7 +41,8 @@ class FusedAccumCallback(TrainerCallback):
         check_trainer_accumulation(
             optimizer, args.gradient_accumulation_steps, "gradient_accumulation_steps"
         )
-        route_clipping(optimizer, args.max_grad_norm, "TrainingArguments.max_grad_norm")
+        if optimizer.accumulate_in_backward:  # else HF clips the .grad that is there
+            route_clipping(optimizer, args.max_grad_norm, "TrainingArguments.max_grad_norm")
 
 
 class FusedAccumTrainer(Trainer):
