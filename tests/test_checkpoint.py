@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from process_groups import run_ranks
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -200,45 +201,41 @@ def test_the_flattened_format_refuses_a_partial_window():
         get_optimizer_state_dict(model, optimizer, options=flat)
 
 
-def _refusal_worker(rank: int, folder: str) -> None:
+def _refusal_worker(rank: int, world: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
-        with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
-            FusedAccumAdamW([replicated], lr=0.1)
-        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"with process_group yet: FSDP2 already reduces"):
-            FusedAccumAdamW([sharded], lr=0.1, process_group=dist.group.WORLD)
-        FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
-        plain = torch.nn.Parameter(torch.randn(3))
-        with pytest.raises(ValueError, match=r"mix DTensors \(FSDP2\) with plain tensors, and max"):
-            FusedAccumAdamW([sharded, plain], lr=0.1, max_grad_norm=1.0)
-        optimizer = FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
-        with pytest.raises(ValueError, match=r"plain tensors, and track_grad_stats sums"):
-            optimizer.add_param_group({"params": [plain]})
-        FusedAccumAdamW([sharded, plain], lr=0.1)  # nothing summed over the mesh
-        # a model sharded after its optimizer was made: FSDP2 replaced the parameters
-        from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (1,))
+    replicated = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is a DTensor with "):
+        FusedAccumAdamW([replicated], lr=0.1)
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"with process_group yet: FSDP2 already reduces"):
+        FusedAccumAdamW([sharded], lr=0.1, process_group=dist.group.WORLD)
+    FusedAccumAdamW([sharded], lr=0.1)  # FSDP2's sharding, without those options
+    plain = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=r"mix DTensors \(FSDP2\) with plain tensors, and max"):
+        FusedAccumAdamW([sharded, plain], lr=0.1, max_grad_norm=1.0)
+    optimizer = FusedAccumAdamW([sharded], lr=0.1, track_grad_stats=True)
+    with pytest.raises(ValueError, match=r"plain tensors, and track_grad_stats sums"):
+        optimizer.add_param_group({"params": [plain]})
+    FusedAccumAdamW([sharded, plain], lr=0.1)  # nothing summed over the mesh
+    # a model sharded after its optimizer was made: FSDP2 replaced the parameters
+    from torch.distributed.fsdp import fully_shard
 
-        model = torch.nn.Linear(3, 2)
-        optimizer = FusedAccumAdamW(model.parameters(), lr=0.1, accumulation_steps=2)
-        fully_shard(model)
-        with pytest.warns(UserWarning, match=r"without a gradient .* fully_shard") as seen:
-            for _ in range(4):
-                model(torch.randn(5, 3)).sum().backward()
-                optimizer.step()
-        ours = [w for w in seen if "without a gradient" in str(w.message)]
-        assert len(ours) == 1  # once
-        assert ours[0].filename == __file__  # where step() was called
-    finally:
-        dist.destroy_process_group()
+    model = torch.nn.Linear(3, 2)
+    optimizer = FusedAccumAdamW(model.parameters(), lr=0.1, accumulation_steps=2)
+    fully_shard(model)
+    with pytest.warns(UserWarning, match=r"without a gradient .* fully_shard") as seen:
+        for _ in range(4):
+            model(torch.randn(5, 3)).sum().backward()
+            optimizer.step()
+    ours = [w for w in seen if "without a gradient" in str(w.message)]
+    assert len(ours) == 1  # once
+    assert ours[0].filename == __file__  # where step() was called
 
 
 def test_dtensors_fsdp2_does_not_make_and_mixed_ones_are_refused_at_construction(tmp_path):
     # in a process of its own: the later spawned gloo tests had a rank abort now and
     # then only after a process group had been made in pytest's own process
-    torch.multiprocessing.spawn(_refusal_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    run_ranks(_refusal_worker, 1, tmp_path)

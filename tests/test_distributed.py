@@ -6,14 +6,13 @@ bit for bit; collectives run only at window boundaries; DDP with no_sync works b
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_groups import run_ranks
 
 from fused_accum import FusedAccumAdamW, FusedAccumSGD
 from fused_accum.distributed import broadcast_parameters, check_ranks_agree
@@ -73,85 +72,77 @@ def _train(rank, world, optimizer, params, windows, poison=False, scale=1.0, cou
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
+    results = {}
+    group = dist.group.WORLD
+    kwargs = dict(lr=0.01, weight_decay=0.05)
+    # ragged weights, every collective counted: none on non-boundary micro-steps
+    params = _params(0 if rank == 0 else rank + 100)  # differ until the broadcast
+    broadcast_parameters(params)
+    optimizer = FusedAccumAdamW(params, accumulation_steps=STEPS, process_group=group, **kwargs)
+    calls = [0]
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kw):
+        calls[0] += 1
+        return all_reduce(*args, **kw)
+
+    dist.all_reduce = counted
     try:
-        results = {}
-        group = dist.group.WORLD
-        kwargs = dict(lr=0.01, weight_decay=0.05)
-        # ragged weights, every collective counted: none on non-boundary micro-steps
-        params = _params(0 if rank == 0 else rank + 100)  # differ until the broadcast
-        broadcast_parameters(params)
-        optimizer = FusedAccumAdamW(params, accumulation_steps=STEPS, process_group=group, **kwargs)
-        calls = [0]
-        all_reduce = dist.all_reduce
-
-        def counted(*args, **kw):
-            calls[0] += 1
-            return all_reduce(*args, **kw)
-
-        dist.all_reduce = counted
-        try:
-            _train(rank, world, optimizer, params, range(WINDOWS), count=calls)
-        finally:
-            dist.all_reduce = all_reduce
-        results["ragged"] = [p.detach().clone() for p in params]
-
-        # a NaN on the last rank, with built-in loss scaling: every rank skips
-        params = _params(0)
-        optimizer = FusedAccumSGD(
-            params, lr=0.1, momentum=0.9, accumulation_steps=STEPS, process_group=group,
-            loss_scaling=True,
-        )  # fmt: skip
-        scale = optimizer.loss_scale.item()
-        for window in range(WINDOWS):
-            _train(rank, world, optimizer, params, [window], poison=True, scale=scale)
-            scale = optimizer.loss_scale.item()
-        results["nan"] = [p.detach().clone() for p in params]
-        results["nan_scale"] = scale
-
-        # a checkpoint in the middle of a window resumes bit for bit
-        params = _params(0)
-        optimizer = FusedAccumAdamW(params, accumulation_steps=STEPS, process_group=group, **kwargs)
-        _train(rank, world, optimizer, params, [0])
-        grads, weights = _micro_batches(world)
-        for param, grad in zip(params, grads[1][0][rank], strict=True):
-            param.grad = grad
-        optimizer.step(weight=weights[1][0][rank])
-        saved = optimizer.state_dict()
-        resumed_params = [p.detach().clone().requires_grad_() for p in params]
-        resumed = FusedAccumAdamW(
-            resumed_params, accumulation_steps=STEPS, process_group=group, **kwargs
-        )
-        resumed.load_state_dict(saved)
-        for micro_step in (1, 2):
-            for param, grad in zip(resumed_params, grads[1][micro_step][rank], strict=True):
-                param.grad = grad
-            resumed.step(weight=weights[1][micro_step][rank])
-        _train(rank, world, resumed, resumed_params, range(2, WINDOWS))
-        results["resumed"] = [p.detach().clone() for p in resumed_params]
-
-        # DDP beside it: no_sync on every micro-step, the optimizer reduces the window
-        torch.manual_seed(3)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = FusedAccumAdamW(
-            ddp.parameters(), lr=0.01, accumulation_steps=STEPS, process_group=group
-        )
-        data = torch.randn(WINDOWS, STEPS, world, 5, 4, generator=torch.Generator().manual_seed(5))
-        for window in range(WINDOWS):
-            for micro_step in range(STEPS):
-                with ddp.no_sync():
-                    ddp(data[window, micro_step, rank]).square().mean().backward()
-                optimizer.step()
-        results["ddp"] = [p.detach().clone() for p in model.parameters()]
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-        del ddp, optimizer
-        gc.collect()
-        dist.barrier()  # nobody tears the group down while another rank still uses it
+        _train(rank, world, optimizer, params, range(WINDOWS), count=calls)
     finally:
-        dist.destroy_process_group()
+        dist.all_reduce = all_reduce
+    results["ragged"] = [p.detach().clone() for p in params]
+
+    # a NaN on the last rank, with built-in loss scaling: every rank skips
+    params = _params(0)
+    optimizer = FusedAccumSGD(
+        params, lr=0.1, momentum=0.9, accumulation_steps=STEPS, process_group=group,
+        loss_scaling=True,
+    )  # fmt: skip
+    scale = optimizer.loss_scale.item()
+    for window in range(WINDOWS):
+        _train(rank, world, optimizer, params, [window], poison=True, scale=scale)
+        scale = optimizer.loss_scale.item()
+    results["nan"] = [p.detach().clone() for p in params]
+    results["nan_scale"] = scale
+
+    # a checkpoint in the middle of a window resumes bit for bit
+    params = _params(0)
+    optimizer = FusedAccumAdamW(params, accumulation_steps=STEPS, process_group=group, **kwargs)
+    _train(rank, world, optimizer, params, [0])
+    grads, weights = _micro_batches(world)
+    for param, grad in zip(params, grads[1][0][rank], strict=True):
+        param.grad = grad
+    optimizer.step(weight=weights[1][0][rank])
+    saved = optimizer.state_dict()
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = FusedAccumAdamW(
+        resumed_params, accumulation_steps=STEPS, process_group=group, **kwargs
+    )
+    resumed.load_state_dict(saved)
+    for micro_step in (1, 2):
+        for param, grad in zip(resumed_params, grads[1][micro_step][rank], strict=True):
+            param.grad = grad
+        resumed.step(weight=weights[1][micro_step][rank])
+    _train(rank, world, resumed, resumed_params, range(2, WINDOWS))
+    results["resumed"] = [p.detach().clone() for p in resumed_params]
+
+    # DDP beside it: no_sync on every micro-step, the optimizer reduces the window
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = FusedAccumAdamW(
+        ddp.parameters(), lr=0.01, accumulation_steps=STEPS, process_group=group
+    )
+    data = torch.randn(WINDOWS, STEPS, world, 5, 4, generator=torch.Generator().manual_seed(5))
+    for window in range(WINDOWS):
+        for micro_step in range(STEPS):
+            with ddp.no_sync():
+                ddp(data[window, micro_step, rank]).square().mean().backward()
+            optimizer.step()
+    results["ddp"] = [p.detach().clone() for p in model.parameters()]
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+    del ddp, optimizer
 
 
 def _ddp_single_process(world: int):
@@ -177,7 +168,7 @@ def _assert_close(actual, expected, what):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_equals_the_large_batch(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for key in ("ragged", "nan", "resumed", "ddp"):
         for rank in range(1, world):  # every rank holds the same parameters, bit for bit
@@ -195,33 +186,25 @@ def test_data_parallel_equals_the_large_batch(world, tmp_path):
 
 
 def _disagreeing_worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
+    messages = []
+    shapes = [(3,), (4 + rank,)]
+    params = [torch.zeros(s, requires_grad=True) for s in shapes]
     try:
-        messages = []
-        shapes = [(3,), (4 + rank,)]
-        params = [torch.zeros(s, requires_grad=True) for s in shapes]
-        try:
-            FusedAccumSGD(params, lr=0.1, process_group=dist.group.WORLD)
-        except ValueError as error:
-            messages.append(str(error))
-        params = [torch.zeros(3, requires_grad=True)]
-        optimizer = FusedAccumSGD(params, lr=0.1, accumulation_steps=2 + rank)
-        try:
-            check_ranks_agree(optimizer)
-        except ValueError as error:
-            messages.append(str(error))
-        torch.save(messages, os.path.join(folder, f"rank{rank}.pt"))
-        del optimizer, params
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        FusedAccumSGD(params, lr=0.1, process_group=dist.group.WORLD)
+    except ValueError as error:
+        messages.append(str(error))
+    params = [torch.zeros(3, requires_grad=True)]
+    optimizer = FusedAccumSGD(params, lr=0.1, accumulation_steps=2 + rank)
+    try:
+        check_ranks_agree(optimizer)
+    except ValueError as error:
+        messages.append(str(error))
+    torch.save(messages, os.path.join(folder, f"rank{rank}.pt"))
+    del optimizer, params
 
 
 def test_ranks_that_disagree_get_clear_errors(tmp_path):
-    mp.spawn(_disagreeing_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_disagreeing_worker, 2, tmp_path)
     for rank in range(2):
         shapes, steps = torch.load(tmp_path / f"rank{rank}.pt")
         assert "ranks disagree on the parameters" in shapes and "(4,)" in shapes

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_groups import run_ranks
 
 from fused_accum import FusedAccumAdamW, FusedAccumSGD
 
@@ -113,61 +112,50 @@ def _worker(
     world: int,
     folder: str,
     name: str,
-    no_sync: bool,
+    no_sync: bool = False,
     clip: bool = False,
     in_backward: bool = False,
     mixed: bool = False,
     stats: bool = False,
     master: bool = False,
 ) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
-    try:
-        ours_class, torch_class, kwargs = OPTIMIZERS[name]
-        model, reference = _bf16_models() if master else (_model(mixed), _model(mixed))
-        mixed = mixed or master  # the classic loop sums bf16 gradients in fp32 .grad
-        options = {"max_grad_norm": CLIP} if clip else {}
-        if master:
-            options["master_weights"] = True
-        if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
-            options["accumulate_in_backward"] = True
-        if stats:
-            options["track_grad_stats"] = True
-        optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **options, **kwargs)
-        expected = torch_class(reference.parameters(), **kwargs)
-        _train(model, optimizer, rank, ours=True, no_sync=no_sync)
-        record: list = []
-        _train(
-            reference, expected, rank, ours=False, no_sync=no_sync, clip=clip, mixed=mixed,
-            record=record if stats else None,
-        )  # fmt: skip
-        assert optimizer.update_count == WINDOWS
-        if stats:
-            _check_stats(optimizer, record)
-        for (key, param), other in zip(
-            model.named_parameters(), reference.parameters(), strict=True
-        ):
-            if master:  # the fp32 masters follow the fp32 parameters; bf16 rounds them
-                master_param = optimizer.state[param]["master_param"].full_tensor()
-                torch.testing.assert_close(
-                    master_param, other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
-                )
-                assert torch.equal(param.full_tensor(), master_param.bfloat16()), key
-            else:
-                torch.testing.assert_close(
-                    param.full_tensor(), other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
-                )
-            # the state is shown sharded as torch.optim shows its own (for DCP)
-            for state_name, value in optimizer.state[param].items():
-                if value.dim():
-                    assert tuple(value.placements) == tuple(param.placements), state_name
-                    assert value.shape == param.shape, state_name
-        # every rank done with its collectives before any tears its group down (gloo
-        # can abort a rank whose peer left first)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    ours_class, torch_class, kwargs = OPTIMIZERS[name]
+    model, reference = _bf16_models() if master else (_model(mixed), _model(mixed))
+    mixed = mixed or master  # the classic loop sums bf16 gradients in fp32 .grad
+    options = {"max_grad_norm": CLIP} if clip else {}
+    if master:
+        options["master_weights"] = True
+    if in_backward:  # FSDP2 runs the hooks once it has reduce-scattered a gradient
+        options["accumulate_in_backward"] = True
+    if stats:
+        options["track_grad_stats"] = True
+    optimizer = ours_class(model.parameters(), accumulation_steps=STEPS, **options, **kwargs)
+    expected = torch_class(reference.parameters(), **kwargs)
+    _train(model, optimizer, rank, ours=True, no_sync=no_sync)
+    record: list = []
+    _train(
+        reference, expected, rank, ours=False, no_sync=no_sync, clip=clip, mixed=mixed,
+        record=record if stats else None,
+    )  # fmt: skip
+    assert optimizer.update_count == WINDOWS
+    if stats:
+        _check_stats(optimizer, record)
+    for (key, param), other in zip(model.named_parameters(), reference.parameters(), strict=True):
+        if master:  # the fp32 masters follow the fp32 parameters; bf16 rounds them
+            master_param = optimizer.state[param]["master_param"].full_tensor()
+            torch.testing.assert_close(
+                master_param, other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
+            )
+            assert torch.equal(param.full_tensor(), master_param.bfloat16()), key
+        else:
+            torch.testing.assert_close(
+                param.full_tensor(), other.full_tensor(), rtol=1e-5, atol=1e-6, msg=key
+            )
+        # the state is shown sharded as torch.optim shows its own (for DCP)
+        for state_name, value in optimizer.state[param].items():
+            if value.dim():
+                assert tuple(value.placements) == tuple(param.placements), state_name
+                assert value.shape == param.shape, state_name
 
 
 def _check_stats(optimizer, record: list) -> None:
@@ -202,34 +190,28 @@ def _check_stats(optimizer, record: list) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fsdp2_equals_torch_optim_on_the_same_model(world, name, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path), name, False), nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path, name)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_clipping_equals_clip_grad_norm(world, tmp_path):
     """max_grad_norm's norm covers every rank's shards, as clip_grad_norm_ on the
     DTensor gradients does."""
-    mp.spawn(_worker, args=(world, str(tmp_path), "sgd", False, True), nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path, "sgd", clip=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_with_bf16_compute_and_fp32_reductions(world, tmp_path):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards and
     gradients reach the optimizer."""
-    mp.spawn(
-        _worker,
-        args=(world, str(tmp_path), "adamw", False, False, False, True),
-        nprocs=world,
-        join=True,
-    )
+    run_ranks(_worker, world, tmp_path, "adamw", mixed=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_gradient_statistics_cover_every_shard(world, tmp_path):
     """track_grad_stats: each rank's shard statistics combined, equal to those of the
     whole gradients."""
-    args = (world, str(tmp_path), "adamw", False, False, False, False, True)
-    mp.spawn(_worker, args=args, nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path, "adamw", stats=True)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -237,12 +219,11 @@ def test_fsdp2_with_bf16_parameters_and_master_weights(name, tmp_path):
     """bf16 shards with fp32 masters: the masters follow torch.optim's fp32 parameters
     sharded beside them (both computing and reducing in bf16), the shards are the
     masters rounded."""
-    args = (2, str(tmp_path), name, False, False, False, False, False, True)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, name, master=True)
 
 
 def test_fsdp2_with_accumulate_in_backward(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path), "adamw", False, False, True), nprocs=2, join=True)
+    run_ranks(_worker, 2, tmp_path, "adamw", in_backward=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -251,7 +232,7 @@ def test_fsdp2_without_gradient_sync_between_boundaries(name, world, tmp_path):
     """``set_requires_gradient_sync(False)`` on non-boundary micro-steps: FSDP2 keeps the
     sum of the window's gradients and hands it over at the boundary, whose mean the
     optimizer applies (unit weights)."""
-    mp.spawn(_worker, args=(world, str(tmp_path), name, True), nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path, name, no_sync=True)
 
 
 def _partial_window(model, optimizer, rank: int, micro_steps) -> None:
@@ -283,61 +264,50 @@ def _checkpoint_worker(rank: int, world: int, folder: str, phase: str, partial: 
         set_optimizer_state_dict,
     )
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store-{phase}{world}", rank=rank, world_size=world
-    )
-    try:
-        model = _model()
-        optimizer = FusedAccumAdamW(
-            model.parameters(), lr=0.02, accumulation_steps=STEPS,
-            checkpoint_partial_windows=partial,
-        )  # fmt: skip
+    model = _model()
+    optimizer = FusedAccumAdamW(
+        model.parameters(), lr=0.02, accumulation_steps=STEPS,
+        checkpoint_partial_windows=partial,
+    )  # fmt: skip
+    if phase == "save":
+        _train(model, optimizer, rank, ours=True, no_sync=False)
+        if partial:  # and the next window's first micro-step
+            _partial_window(model, optimizer, rank, [0])
+    # an optimizer without state gets it here (DCP's dummy step, recognised)
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    if phase == "save":
+        dcp.save(state, checkpoint_id=f"{folder}/checkpoint")
+    else:
+        dcp.load(state, checkpoint_id=f"{folder}/checkpoint")
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    assert optimizer.window_micro_steps == int(partial)
+    whole = _whole_state(model, optimizer)
+    if partial and world == 2:  # the window finished, as if nothing had happened
+        _partial_window(model, optimizer, rank, range(1, STEPS))
+        assert optimizer.last_step_applied
+        whole.update({f"after.{k}": v for k, v in _whole_state(model, optimizer).items()})
+    if rank == 0:
         if phase == "save":
-            _train(model, optimizer, rank, ours=True, no_sync=False)
-            if partial:  # and the next window's first micro-step
-                _partial_window(model, optimizer, rank, [0])
-        # an optimizer without state gets it here (DCP's dummy step, recognised)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
-        }
-        if phase == "save":
-            dcp.save(state, checkpoint_id=f"{folder}/checkpoint")
+            torch.save(whole, f"{folder}/whole.pt")
         else:
-            dcp.load(state, checkpoint_id=f"{folder}/checkpoint")
-            set_model_state_dict(model, state["model"])
-            set_optimizer_state_dict(model, optimizer, state["optim"])
-        assert optimizer.window_micro_steps == int(partial)
-        whole = _whole_state(model, optimizer)
-        if partial and world == 2:  # the window finished, as if nothing had happened
-            _partial_window(model, optimizer, rank, range(1, STEPS))
-            assert optimizer.last_step_applied
-            whole.update({f"after.{k}": v for k, v in _whole_state(model, optimizer).items()})
-        if rank == 0:
-            if phase == "save":
-                torch.save(whole, f"{folder}/whole.pt")
-            else:
-                saved = torch.load(f"{folder}/whole.pt")
-                if world != 2:
-                    saved = {k: v for k, v in saved.items() if not k.startswith("after.")}
-                assert saved.keys() == whole.keys()
-                for key, value in whole.items():
-                    assert torch.equal(value, saved[key]), key
-        # every rank done with its collectives before any tears its group down (gloo
-        # can abort a rank whose peer left first)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            saved = torch.load(f"{folder}/whole.pt")
+            if world != 2:
+                saved = {k: v for k, v in saved.items() if not k.startswith("after.")}
+            assert saved.keys() == whole.keys()
+            for key, value in whole.items():
+                assert torch.equal(value, saved[key]), key
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_a_dcp_checkpoint_loads_bit_for_bit_into_another_world_size(tmp_path):
     """Saved by 2 ranks at a window boundary, loaded by 3: parameters, moments and
     step counts equal, whole, bit for bit."""
-    args = (str(tmp_path), "save", False)
-    mp.spawn(_checkpoint_worker, args=(2, *args), nprocs=2, join=True)
-    args = (str(tmp_path), "load", False)
-    mp.spawn(_checkpoint_worker, args=(3, *args), nprocs=3, join=True)
+    run_ranks(_checkpoint_worker, 2, tmp_path, "save", partial=False)
+    run_ranks(_checkpoint_worker, 3, tmp_path, "load", partial=False)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -347,92 +317,66 @@ def test_a_dcp_checkpoint_mid_window_resumes_bit_for_bit(tmp_path):
     loaded by 2, the window finishes as the run that saved finished it, bit for bit.
     (At 3 ranks a micro-batch is split otherwise, so its gradients differ by a
     rounding: FSDP2 averages the ranks' gradients.)"""
-    mp.spawn(_checkpoint_worker, args=(2, str(tmp_path), "save", True), nprocs=2, join=True)
+    run_ranks(_checkpoint_worker, 2, tmp_path, "save", partial=True)
     for world in (3, 2):
-        args = (world, str(tmp_path), "load", True)
-        mp.spawn(_checkpoint_worker, args=args, nprocs=world, join=True)
+        run_ranks(_checkpoint_worker, world, tmp_path, "load", partial=True)
 
 
 def _no_sync_checkpoint_worker(rank: int, world: int, folder: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
+    model = _model()
+    optimizer = FusedAccumAdamW(
+        model.parameters(), accumulation_steps=STEPS, checkpoint_partial_windows=True
     )
-    try:
-        model = _model()
-        optimizer = FusedAccumAdamW(
-            model.parameters(), accumulation_steps=STEPS, checkpoint_partial_windows=True
-        )
-        model.set_requires_gradient_sync(False)  # the window's sum stays FSDP2's
-        model(_batch(rank, 0, 0)).square().mean().backward()
-        optimizer.step()
-        with pytest.raises(RuntimeError, match=r"FSDP2 without gradient sync keeps them"):
-            get_optimizer_state_dict(model, optimizer)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model.set_requires_gradient_sync(False)  # the window's sum stays FSDP2's
+    model(_batch(rank, 0, 0)).square().mean().backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"FSDP2 without gradient sync keeps them"):
+        get_optimizer_state_dict(model, optimizer)
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_a_dcp_checkpoint_mid_window_without_gradient_sync_is_refused(tmp_path):
     """The window is in FSDP2's unsharded gradients, which DCP does not save."""
-    mp.spawn(_no_sync_checkpoint_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_no_sync_checkpoint_worker, 2, tmp_path)
 
 
 def _weight_worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
-    try:
-        model = _model()
-        optimizer = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=STEPS)
-        model(_batch(rank, 0, 0)).sum().backward()
-        with pytest.raises(ValueError, match="weigh the loss instead"):
-            optimizer.step(weight=2.0)
-        assert all(p.grad is not None for p in model.parameters())  # nothing taken
-        optimizer.step()
-        assert optimizer._accumulation.window_micro_steps == 1
-        # every rank done with its collectives before any tears its group down (gloo
-        # can abort a rank whose peer left first)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = _model()
+    optimizer = FusedAccumSGD(model.parameters(), lr=0.1, accumulation_steps=STEPS)
+    model(_batch(rank, 0, 0)).sum().backward()
+    with pytest.raises(ValueError, match="weigh the loss instead"):
+        optimizer.step(weight=2.0)
+    assert all(p.grad is not None for p in model.parameters())  # nothing taken
+    optimizer.step()
+    assert optimizer._accumulation.window_micro_steps == 1
 
 
 def test_micro_batch_weights_are_refused_with_fsdp2(tmp_path):
-    mp.spawn(_weight_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_weight_worker, 2, tmp_path)
 
 
 def _poison_worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
+    model = _model()
+    optimizer = FusedAccumAdamW(
+        model.parameters(), lr=0.02, accumulation_steps=STEPS, loss_scaling=True
     )
-    try:
-        model = _model()
-        optimizer = FusedAccumAdamW(
-            model.parameters(), lr=0.02, accumulation_steps=STEPS, loss_scaling=True
-        )
-        last = list(model.parameters())[-2]  # the last layer's weight: (1, 4), on rank 0 only
-        for window in range(2):
-            start = [p.full_tensor() for p in model.parameters()]
-            scale = float(optimizer.loss_scale)
-            for micro_step in range(STEPS):
-                loss = model(_batch(rank, window, micro_step)).square().mean()
-                optimizer.scale_loss(loss).backward()
-                if window == 1 and micro_step == 1 and last.grad.to_local().numel():
-                    last.grad.to_local()[0, 0] = float("nan")  # one shard of one rank
-                optimizer.step()
-            after = [p.full_tensor() for p in model.parameters()]
-            moved = any(not torch.equal(a, b) for a, b in zip(start, after, strict=True))
-            assert moved == (window == 0), (rank, window)  # skipped on every rank
-            assert float(optimizer.loss_scale) == (scale if window == 0 else scale / 2)
-        # every rank done with its collectives before any tears its group down (gloo
-        # can abort a rank whose peer left first)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    last = list(model.parameters())[-2]  # the last layer's weight: (1, 4), on rank 0 only
+    for window in range(2):
+        start = [p.full_tensor() for p in model.parameters()]
+        scale = float(optimizer.loss_scale)
+        for micro_step in range(STEPS):
+            loss = model(_batch(rank, window, micro_step)).square().mean()
+            optimizer.scale_loss(loss).backward()
+            if window == 1 and micro_step == 1 and last.grad.to_local().numel():
+                last.grad.to_local()[0, 0] = float("nan")  # one shard of one rank
+            optimizer.step()
+        after = [p.full_tensor() for p in model.parameters()]
+        moved = any(not torch.equal(a, b) for a, b in zip(start, after, strict=True))
+        assert moved == (window == 0), (rank, window)  # skipped on every rank
+        assert float(optimizer.loss_scale) == (scale if window == 0 else scale / 2)
 
 
 def test_a_nan_in_one_shard_skips_the_window_on_every_rank(tmp_path):
-    mp.spawn(_poison_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_poison_worker, 2, tmp_path)

@@ -13,14 +13,13 @@ summed over other pieces. The state dict is whole.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_groups import run_ranks
 
 from fused_accum import FusedAccumAdam, FusedAccumAdamW, FusedAccumSGD
 
@@ -184,27 +183,19 @@ def _errors() -> list[str]:
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
-    )
-    try:
-        results = {}
-        for name in CASES:
-            results[name] = {
-                "sharded": _run(rank, world, name, True, folder),
-                "unsharded": _run(rank, world, name, False, folder),
-            }
-        results["resumed"] = _resume(rank, world, folder)
-        results["in_backward"] = {
-            "sharded": _in_backward(rank, True),
-            "unsharded": _in_backward(rank, False),
+    results = {}
+    for name in CASES:
+        results[name] = {
+            "sharded": _run(rank, world, name, True, folder),
+            "unsharded": _run(rank, world, name, False, folder),
         }
-        results["errors"] = _errors()
-        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-        gc.collect()
-        dist.barrier()  # nobody tears the group down while another rank still uses it
-    finally:
-        dist.destroy_process_group()
+    results["resumed"] = _resume(rank, world, folder)
+    results["in_backward"] = {
+        "sharded": _in_backward(rank, True),
+        "unsharded": _in_backward(rank, False),
+    }
+    results["errors"] = _errors()
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
 
 
 def _assert_equal(actual, expected, what, exact=True):
@@ -218,7 +209,7 @@ def _assert_equal(actual, expected, what, exact=True):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_state_equals_the_unsharded_run(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    run_ranks(_worker, world, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name in CASES:
         sharded, unsharded = ranks[0][name]["sharded"], ranks[0][name]["unsharded"]
@@ -281,18 +272,14 @@ def test_shard_state_needs_a_process_group():
         FusedAccumSGD(params, lr=0.1, process_group=object(), checkpoint_partial_windows=True)
 
 
-def _one_rank_worker(rank: int, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
-    try:
-        results = [_run(0, 1, "adamw", shard_state, folder) for shard_state in (True, False)]
-        torch.save(results, os.path.join(folder, "one_rank.pt"))
-    finally:
-        dist.destroy_process_group()
+def _one_rank_worker(rank: int, world: int, folder: str) -> None:
+    results = [_run(0, 1, "adamw", shard_state, folder) for shard_state in (True, False)]
+    torch.save(results, os.path.join(folder, "one_rank.pt"))
 
 
 def test_shard_state_on_one_rank_is_the_unsharded_run(tmp_path):
     """Nothing to shard over one rank: the same script runs on one GPU."""
-    mp.spawn(_one_rank_worker, args=(str(tmp_path),), nprocs=1, join=True)
+    run_ranks(_one_rank_worker, 1, tmp_path)
     sharded, unsharded = torch.load(tmp_path / "one_rank.pt")
     _assert_equal(sharded["params"], unsharded["params"], "one rank")
     assert sharded["state_numel"] == unsharded["state_numel"]
