@@ -119,10 +119,15 @@ def test_misconfigurations_are_refused():
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps\)=4 and the optimizer's"):
         _train(net, optimizer)
     # fp16's GradScaler (on a GPU) cannot check gradients folded in backward
-    fp16 = types.SimpleNamespace(gradient_accumulation_steps=N, scaler=object())
+    fp16 = types.SimpleNamespace(gradient_accumulation_steps=N, scaler=object(), num_processes=1)
     optimizer = FusedAccumAdamW(net.parameters(), accumulate_in_backward=True)
     with pytest.raises(ValueError, match=r"GradScaler, which cannot check gradients"):
         check_accelerate_setup(fp16, optimizer)
+    # under DDP (accelerate launch on 2 processes) each rank would fold its own gradients
+    ddp = types.SimpleNamespace(gradient_accumulation_steps=N, scaler=None, num_processes=2)
+    with pytest.raises(ValueError, match=r"Accelerator.num_processes: 2 data-parallel proc"):
+        check_accelerate_setup(ddp, optimizer)
+    check_accelerate_setup(ddp, FusedAccumAdamW(net.parameters()))  # DDP averages .grad
 
 
 def test_token_weights_with_windows_the_optimizer_owns():
@@ -167,7 +172,7 @@ class LossModel(MLP):
 
     def forward(self, x, labels):
         if torch.is_grad_enabled():
-            self.seen.append((x.detach().clone(), labels.detach().clone()))
+            self.seen.append((x.detach().cpu(), labels.detach().cpu()))
         return types.SimpleNamespace(loss=token_loss(self.logits(x), labels))
 
 

@@ -72,7 +72,7 @@ class Model(pl.LightningModule):
         self.seen: list = []
 
     def training_step(self, batch, index):
-        self.seen.append((batch["x"].detach().clone(), batch["labels"].detach().clone()))
+        self.seen.append((batch["x"].detach().cpu(), batch["labels"].detach().cpu()))
         return token_loss(self.net.logits(batch["x"]), batch["labels"])
 
 
@@ -101,11 +101,13 @@ def _fit(module, precision="32-true", **trainer_options):
     )  # fmt: skip
     settings.update(trainer_options)
     trainer = pl.Trainer(**settings)
-    loader = torch.utils.data.DataLoader(
-        ListDataset(make_data(N * BATCH * UPDATES)), batch_size=BATCH
-    )
-    trainer.fit(module, loader)
+    trainer.fit(module, _loader())
     return trainer, logger
+
+
+def _loader(scale: float = 1.0):
+    data = ListDataset(make_data(N * BATCH * UPDATES, scale=scale))
+    return torch.utils.data.DataLoader(data, batch_size=BATCH)
 
 
 def test_lightning_with_fused_accum_equals_exact_accumulation():
@@ -165,24 +167,9 @@ def test_a_second_fit_clips_too():
     assert trainer.gradient_clip_val == CLIP  # put back
     trainer.fit_loop.max_epochs = 2
     module = Module()
-    trainer.fit(
-        module,
-        torch.utils.data.DataLoader(ListDataset(make_data(N * BATCH * UPDATES)), batch_size=BATCH),
-    )
+    trainer.fit(module, _loader())
     optimizer = unwrap_optimizer(trainer.optimizers[0])
     assert optimizer.update_count > 0 and optimizer.max_grad_norm == CLIP  # the new fit's
-
-
-def test_bf16_mixed_precision_with_clipping():
-    """Lightning refuses its own clipping for optimizers that unscale themselves, as ours
-    say they do; the callback's routing leaves it nothing to refuse."""
-    module = Module()
-    init = snapshot(module.net)
-    trainer, _ = _fit(module, precision="bf16-mixed")
-    optimizer = unwrap_optimizer(trainer.optimizers[0])
-    assert optimizer.update_count == UPDATES and optimizer.max_grad_norm == CLIP
-    trained = snapshot(module.net)
-    assert all(not torch.equal(trained[name], value) for name, value in init.items())
 
 
 class TorchModule(Module):
@@ -194,13 +181,15 @@ class TorchModule(Module):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def test_bf16_mixed_clipping_of_autograds_grad():
-    """Without accumulate_in_backward (autograd sums in .grad) under bf16-mixed,
-    Lightning refuses to clip for optimizers that unscale themselves, as ours say they
-    do; the callback has the optimizer clip instead, as Lightning clips for torch.optim."""
-    ours = Module(accumulate_in_backward=False)
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_bf16_mixed_precision_with_clipping(in_backward):
+    """Lightning refuses its own clipping for optimizers that unscale themselves, as ours
+    say they do (without accumulate_in_backward too, where autograd sums .grad); the
+    callback has the optimizer clip instead, as Lightning clips for torch.optim."""
+    ours = Module(accumulate_in_backward=in_backward)
     trainer, _ = _fit(ours, precision="bf16-mixed")
-    assert unwrap_optimizer(trainer.optimizers[0]).max_grad_norm == CLIP
+    optimizer = unwrap_optimizer(trainer.optimizers[0])
+    assert optimizer.update_count == UPDATES and optimizer.max_grad_norm == CLIP
     theirs = TorchModule()
     _fit(theirs, precision="bf16-mixed", callbacks=[])
     for name, value in snapshot(theirs.net).items():
@@ -213,10 +202,7 @@ def test_the_readme_recipes(name, tmp_path, monkeypatch):
     that most windows clip at the recipes' 1.0), on Model and Lightning's defaults."""
     monkeypatch.chdir(tmp_path)  # Lightning's logs and checkpoints
     init = snapshot(Model().net)
-    loader = torch.utils.data.DataLoader(
-        ListDataset(make_data(N * BATCH * UPDATES, scale=100)), batch_size=BATCH
-    )
-    trainer = run_recipe(name, Model=Model, loader=loader)["trainer"]
+    trainer = run_recipe(name, Model=Model, loader=_loader(scale=100))["trainer"]
     module, optimizer = trainer.lightning_module, unwrap_optimizer(trainer.optimizers[0])
     window = trainer.accumulate_grad_batches * optimizer.accumulation_steps
     updates = 3 * UPDATES
@@ -266,3 +252,27 @@ def test_settings_through_lightnings_wrapper_are_refused():
 
     with pytest.raises(RuntimeError, match=r"set_weight\(\) was called on a wrapper"):
         _fit(Wrapped(accumulation_steps=N), accumulate_grad_batches=1)
+
+
+def test_a_failed_fit_gives_the_clipping_back():
+    """A fit that raises skips teardown; the next fit clips all the same."""
+
+    class Failing(Module):
+        def training_step(self, batch, index):
+            if index == 2:
+                raise RuntimeError("a failing step")
+            return super().training_step(batch, index)
+
+    trainer, _ = _fit(Module())
+    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(RuntimeError, match="a failing step"):
+        trainer.fit(Failing(), _loader())
+    assert trainer.gradient_clip_val == CLIP
+
+
+def test_gradients_folded_in_backward_under_ddp_are_refused(monkeypatch):
+    """Under DDP (world size 2) the fold in backward would take each rank's own
+    gradients, before DDP averages them."""
+    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match=r"Trainer.world_size: 2 data-parallel processes"):
+        _fit(Module())

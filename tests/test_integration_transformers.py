@@ -52,7 +52,7 @@ class TokenModel(MLP):
     def forward(self, x, labels=None, num_items_in_batch=None, **kwargs):
         logits = self.logits(x)
         if self.training and torch.is_grad_enabled():
-            self.seen.append((x.detach().clone(), labels.detach().clone()))
+            self.seen.append((x.detach().cpu(), labels.detach().cpu()))
         return {"loss": token_loss(logits, labels, num_items_in_batch), "logits": logits}
 
 
@@ -205,11 +205,12 @@ def test_options_that_the_trainer_would_ignore_are_refused(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"give the options to it instead"):
         trainer.train()
-    trainer = FusedAccumTrainer(
-        model=_model(), args=_args(tmp_path, optim="sgd"), train_dataset=_dataset()
-    )
-    with pytest.raises(ValueError, match=r"TrainingArguments.optim is"):
-        trainer.train()
+    for optim in ("sgd", "adamw_8bit"):  # another optimizer, if its name says AdamW too
+        trainer = FusedAccumTrainer(
+            model=_model(), args=_args(tmp_path, optim=optim), train_dataset=_dataset()
+        )
+        with pytest.raises(ValueError, match=r"TrainingArguments.optim is"):
+            trainer.train()
 
 
 def test_the_optimizer_is_made_as_hf_makes_adamw(tmp_path):
@@ -239,3 +240,26 @@ def test_resuming_from_a_checkpoint_is_bit_for_bit(tmp_path):
     assert unwrap_optimizer(trainer.optimizer).update_count == UPDATES
     for name, value in snapshot(straight).items():
         assert torch.equal(snapshot(resumed)[name], value), name
+
+
+def test_a_second_train_keeps_the_optimizer_it_made(tmp_path):
+    """Without model_init HF keeps its optimizer for a later train(); the one
+    FusedAccumTrainer made with fused_accum_kwargs is not someone else's."""
+    trainer = FusedAccumTrainer(
+        model=_model(), args=_args(tmp_path), train_dataset=_dataset(),
+        fused_accum_kwargs={"backend": "torch"},
+    )  # fmt: skip
+    trainer.train()
+    first = unwrap_optimizer(trainer.optimizer)
+    trainer.train()
+    assert unwrap_optimizer(trainer.optimizer) is first
+    assert first.update_count == 2 * UPDATES
+
+
+def test_gradients_folded_in_backward_under_ddp_are_refused(tmp_path, monkeypatch):
+    """Under DDP (world_size 2) the fold in backward would take each rank's own
+    gradients, before DDP averages them."""
+    monkeypatch.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
+    trainer = FusedAccumTrainer(model=_model(), args=_args(tmp_path), train_dataset=_dataset())
+    with pytest.raises(ValueError, match=r"world_size: 2 data-parallel processes, and the opt"):
+        trainer.train()

@@ -72,7 +72,7 @@ def model(dtype: torch.dtype = torch.float32) -> MLP:
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _window_loss(net, window, mode, x_dtype=None):

@@ -23,8 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 from .._optimizer import FusedAccumOptimizer
+from .._sharded import is_dtensor
 
-__all__ = ["check_trainer_accumulation", "route_clipping", "unwrap_optimizer"]
+__all__ = [
+    "check_data_parallel",
+    "check_trainer_accumulation",
+    "route_clipping",
+    "unwrap_optimizer",
+]
 
 
 def unwrap_optimizer(optimizer: Any) -> FusedAccumOptimizer | None:
@@ -59,6 +65,26 @@ def check_trainer_accumulation(
             f"{trainer_steps}. Keep the trainer's setting and make the optimizer with "
             f"accumulation_steps=1 and accumulate_in_backward=True"
         )
+
+
+def check_data_parallel(optimizer: FusedAccumOptimizer, world_size: int, setting: str) -> None:
+    """Raise if the trainer runs ``world_size`` > 1 data-parallel processes (DDP) while
+    the optimizer folds plain (not FSDP2) gradients in backward: the fold takes each
+    rank's own gradient before DDP averages ``.grad``, so every rank would update with
+    its own gradients and the replicas drift apart."""
+    if world_size <= 1 or not optimizer.accumulate_in_backward:
+        return
+    if optimizer._process_group is not None:
+        return  # the optimizer averages the window's sums itself
+    if all(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+        return  # FSDP2 reduce-scatters before the fold
+    raise ValueError(
+        f"{setting}: {world_size} data-parallel processes, and the optimizer was made with "
+        f"accumulate_in_backward=True, which folds each rank's own gradient before DDP "
+        f"averages .grad: every rank would update with its own gradients. Make the "
+        f"optimizer without accumulate_in_backward under DDP (autograd sums .grad, DDP "
+        f"averages it, the optimizer clips and updates), or shard the model with FSDP2"
+    )
 
 
 def route_clipping(optimizer: FusedAccumOptimizer, threshold: Any, setting: str) -> bool:

@@ -23,21 +23,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import check_trainer_accumulation, unwrap_optimizer
+from . import check_data_parallel, check_trainer_accumulation, unwrap_optimizer
 
 __all__ = ["check_accelerate_setup", "unwrap_optimizer"]
 
 
 def check_accelerate_setup(accelerator: Any, optimizer: Any) -> None:
     """Raise on the combinations that would silently go wrong: Accelerate's and the
-    optimizer's accumulation together, and fp16's GradScaler with gradients folded in
-    backward (the scaler checks ``.grad`` after they are gone)."""
+    optimizer's accumulation together, gradients folded in backward under DDP (before
+    DDP averages them), and fp16's GradScaler with gradients folded in backward (the
+    scaler checks ``.grad`` after they are gone)."""
     inner = unwrap_optimizer(optimizer)
     if inner is None:
         return
     check_trainer_accumulation(
         inner, accelerator.gradient_accumulation_steps, "Accelerator(gradient_accumulation_steps)"
     )
+    check_data_parallel(inner, accelerator.num_processes, "Accelerator.num_processes")
     if getattr(accelerator, "scaler", None) is not None and inner.accumulate_in_backward:
         raise ValueError(
             "mixed_precision='fp16' brings a GradScaler, which cannot check gradients that "

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
+try:
+    import pytorch_lightning as pl
+except ImportError:  # the unified "lightning" package alone
+    import lightning.pytorch as pl
 
-from . import check_trainer_accumulation, route_clipping, unwrap_optimizer
+from . import check_data_parallel, check_trainer_accumulation, route_clipping, unwrap_optimizer
 
 __all__ = ["FusedAccumCallback"]
 
@@ -47,6 +50,7 @@ class FusedAccumCallback(pl.Callback):
             check_trainer_accumulation(
                 optimizer, trainer.accumulate_grad_batches, "Trainer(accumulate_grad_batches)"
             )
+            check_data_parallel(optimizer, trainer.world_size, "Trainer.world_size")
             if not self._clip_value:
                 continue
             algorithm = trainer.gradient_clip_algorithm
@@ -66,7 +70,14 @@ class FusedAccumCallback(pl.Callback):
             trainer.gradient_clip_val = None  # the optimizer clips now (put back at the end)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._clip_value is not None:
+        if stage == "fit":
+            self._give_back_clipping(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._give_back_clipping(trainer)  # a failed fit() skips teardown
+
+    def _give_back_clipping(self, trainer: Any) -> None:
+        if self._clip_value is not None:
             trainer.gradient_clip_val = self._clip_value  # for a later fit()
             self._clip_value = None
 

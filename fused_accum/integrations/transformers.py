@@ -24,15 +24,20 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from . import check_trainer_accumulation, route_clipping, unwrap_optimizer
+from . import check_data_parallel, check_trainer_accumulation, route_clipping, unwrap_optimizer
 
 __all__ = ["FusedAccumCallback", "FusedAccumTrainer"]
+
+# TrainingArguments.optim values that mean torch's own AdamW, which FusedAccumAdamW
+# replaces; the others (8-bit, GaLore, schedule-free, ...) are different optimizers
+HF_ADAMW = ("adamw_torch", "adamw_torch_fused")
 
 
 class FusedAccumCallback(TrainerCallback):
     """At the start of training: refuses the Trainer's and the optimizer's accumulation
-    together, and makes a fused_accum optimizer clip at ``max_grad_norm`` (HF's own
-    clipping finds no ``.grad`` with ``accumulate_in_backward`` and would clip nothing)."""
+    together and gradients folded in backward under DDP, and makes a fused_accum
+    optimizer clip at ``max_grad_norm`` (HF's own clipping finds no ``.grad`` with
+    ``accumulate_in_backward`` and would clip nothing)."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = unwrap_optimizer(kwargs.get("optimizer"))
@@ -41,6 +46,7 @@ class FusedAccumCallback(TrainerCallback):
         check_trainer_accumulation(
             optimizer, args.gradient_accumulation_steps, "gradient_accumulation_steps"
         )
+        check_data_parallel(optimizer, args.world_size, "TrainingArguments.world_size")
         if optimizer.accumulate_in_backward:  # else HF clips the .grad that is there
             route_clipping(optimizer, args.max_grad_norm, "TrainingArguments.max_grad_norm")
 
@@ -52,10 +58,14 @@ class FusedAccumTrainer(Trainer):
 
     def __init__(self, *args: Any, fused_accum_kwargs: dict | None = None, **kwargs: Any) -> None:
         self.fused_accum_kwargs = dict(fused_accum_kwargs or {})
+        self._made_optimizer: Any = None  # the optimizer this class made, kept by HF
         super().__init__(*args, **kwargs)
         self.add_callback(FusedAccumCallback())
 
     def create_optimizer(self, model: Any = None) -> Any:
+        made = self._made_optimizer
+        if made is not None and unwrap_optimizer(self.optimizer) is made:
+            return self.optimizer  # a later train() without model_init keeps it, as HF does
         if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
             if self.fused_accum_kwargs:
                 raise ValueError(
@@ -63,10 +73,10 @@ class FusedAccumTrainer(Trainer):
                     "an optimizer of your own (optimizers= or optimizer_cls_and_kwargs=) give "
                     "the options to it instead"
                 )
-            return super().create_optimizer(model)
+            return self._create_optimizer(model)
         from .. import FusedAccumAdamW
 
-        if "adamw" not in str(getattr(self.args.optim, "value", self.args.optim)):
+        if str(getattr(self.args.optim, "value", self.args.optim)) not in HF_ADAMW:
             raise ValueError(
                 f"FusedAccumTrainer makes FusedAccumAdamW, but TrainingArguments.optim is "
                 f"{self.args.optim!r}: leave optim at its AdamW default, or pass an optimizer "
@@ -85,9 +95,15 @@ class FusedAccumTrainer(Trainer):
         # later build (model_init, hyperparameter search) reads the arguments afresh
         self.optimizer_cls_and_kwargs = (FusedAccumAdamW, kwargs)
         try:
-            return super().create_optimizer(model)
+            optimizer = self._create_optimizer(model)
         finally:
             self.optimizer_cls_and_kwargs = None
+        self._made_optimizer = unwrap_optimizer(optimizer)
+        return optimizer
+
+    def _create_optimizer(self, model: Any) -> Any:
+        # transformers before 5 has create_optimizer(self), without the model
+        return super().create_optimizer() if model is None else super().create_optimizer(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """HF's log, with ``grad_norm`` the optimizer's: the norm of the window's mean
@@ -98,4 +114,7 @@ class FusedAccumTrainer(Trainer):
                 logs["grad_norm"] = float(optimizer.grad_norm)
             else:  # the optimizer does not clip, so it has no norm: log none, not 0.0
                 del logs["grad_norm"]
-        super().log(logs, start_time)
+        if start_time is None:  # transformers before 4.47 has log(self, logs)
+            super().log(logs)
+        else:
+            super().log(logs, start_time)
