@@ -15,7 +15,8 @@ the division by the window length) makes that sum the window's exact mean gradie
 The trainers' own gradient clipping reads ``.grad``, which is not there: it would
 silently clip nothing. The optimizer clips instead (``max_grad_norm``), and the
 adapters here route the trainer's setting to it, take the logged gradient norm from it,
-and refuse configurations that would accumulate twice.
+and refuse configurations that would accumulate twice or fold each rank's gradients
+before DDP averages them.
 """
 
 from __future__ import annotations
