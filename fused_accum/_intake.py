@@ -38,6 +38,8 @@ class GradientIntake:
     _hooked_ids: set[int]
     _pending_weight: float
     _folded_since_step: bool
+    # the ids of the parameters whose gradient backward folded since the last step()
+    _folded_ids: set[int]
     _incomplete_micro_batch: bool
     # gradients taken in backward, not yet folded; their ids, the private ones' ids
     # (see is_private) and their bytes
@@ -164,6 +166,8 @@ class GradientIntake:
         grads = self._every_grad(backend_checks=trusted)
         if grads is None:
             return None
+        if self._folded_ids:
+            self._refuse_grads_after_their_fold(accumulation.ordered)
         if not boundary:
             try:
                 accumulation.fold_every(grads, factor, self._found_inf(), grad_squares)
@@ -215,6 +219,8 @@ class GradientIntake:
             params = [param for param in self._all_params() if param.grad is not None]
             for param in params:
                 self._check_grad(param, param.grad)
+        if self._folded_ids:
+            self._refuse_grads_after_their_fold(params)
         pairs, private = [], set()
         shards = accumulation.shards
         for param in params:
@@ -228,6 +234,23 @@ class GradientIntake:
                 private.add(id(param))
             pairs.append((param, grad))
         return pairs, private
+
+    def _refuse_grads_after_their_fold(self, params: list[torch.Tensor]) -> None:
+        """A ``.grad`` that appeared after backward folded the parameter's gradient was
+        written by something else after the fold: DistributedDataParallel writes the
+        averaged gradient there, after each rank folded its own."""
+        for param in params:
+            if id(param) in self._folded_ids:
+                raise RuntimeError(
+                    f"{self._describe(param)} has a .grad again after backward folded its "
+                    f"gradient (accumulate_in_backward=True): something wrote it after the "
+                    f"fold, as DistributedDataParallel writes the averaged gradient after "
+                    f"each rank folded its own, so every rank would update with its own "
+                    f"gradients. Under DDP make the optimizer without "
+                    f"accumulate_in_backward (DDP averages .grad, step() takes it), or "
+                    f"shard the model with FSDP2; nothing of this micro-batch's .grad was "
+                    f"taken"
+                )
 
     def _take_in_backward(self, param: torch.Tensor) -> None:
         """The backward hook's work: check ``param``'s new gradient, release it and hold
@@ -268,6 +291,7 @@ class GradientIntake:
             self._held_private.add(id(param))
         self._held_bytes += grad.numel() * grad.element_size()
         self._folded_since_step = True
+        self._folded_ids.add(id(param))
         if fold_now or self._held_bytes >= FOLD_BUCKET_BYTES:
             self._fold_held()
 

@@ -107,6 +107,7 @@ class FusedAccumOptimizer(
         self._hooked_ids: set[int] = set()
         self._pending_weight = 1.0
         self._folded_since_step = False
+        self._folded_ids: set[int] = set()
         # a fold in backward failed after others of its micro-batch had run
         self._incomplete_micro_batch = False
         self._drop_held()  # no gradients taken in backward yet
@@ -367,6 +368,7 @@ class FusedAccumOptimizer(
         # the micro-batch is taken: its weight and its folds in backward are counted now
         self._pending_weight = 1.0
         self._folded_since_step = False
+        self._folded_ids.clear()
         if self.accumulate_in_backward:  # parameters unfrozen since: fold them in backward
             self._register_hooks(self._accumulation.ordered)
         accumulation.micro_step_count += 1
@@ -458,6 +460,7 @@ class FusedAccumOptimizer(
             self._loss_scale.found_inf.zero_()
         self._pending_weight = 1.0
         self._folded_since_step = False
+        self._folded_ids.clear()
         self._incomplete_micro_batch = False
 
     def __getstate__(self) -> dict[str, Any]:

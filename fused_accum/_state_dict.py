@@ -28,6 +28,7 @@ class StateDictMixin:
     _loss_scale: Any
     _pending_weight: float
     _folded_since_step: bool
+    _folded_ids: set[int]
     _incomplete_micro_batch: bool
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +165,7 @@ class StateDictMixin:
         self._rounding_seed = int(window.get("rounding_seed", self._rounding_seed))
         self._pending_weight = float(window.get("pending_weight", 1.0))
         self._folded_since_step = bool(window.get("folded_since_step", False))
+        self._folded_ids.clear()  # the saving optimizer's parameters are not ours
         self._incomplete_micro_batch = bool(window.get("incomplete_micro_batch", False))
         self._load_loss_scale(window)
 

@@ -216,3 +216,21 @@ def test_process_group_needs_torch_distributed_initialised():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
         FusedAccumSGD([torch.zeros(2, requires_grad=True)], lr=0.1, process_group=object())
+
+
+def _ddp_fold_worker(rank: int, world: int, folder: str) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    optimizer = FusedAccumAdamW(net.parameters(), lr=0.01, accumulate_in_backward=True)
+    torch.manual_seed(1 + rank)  # each rank its own data
+    ddp(torch.randn(2, 4)).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"has a \.grad again after backward folded its grad"):
+        optimizer.step()
+    assert optimizer.update_count == 0
+
+
+def test_gradients_folded_in_backward_under_ddp_are_refused(tmp_path):
+    """DDP writes the averaged gradient into .grad after each rank folded its own in
+    backward: taken as it is, every rank would update with its own gradients."""
+    run_ranks(_ddp_fold_worker, 2, tmp_path)
