@@ -13,6 +13,7 @@ from torch.autograd import Variable
 from ._accumulation import AccumulationState
 from ._ownership import is_private
 from ._sharded import is_dtensor
+from .distributed import processes_in_run
 
 # Gradients taken in backward are folded in buckets of about this size (and at the
 # end of each backward): one backend call per bucket instead of a kernel launch per
@@ -236,20 +237,25 @@ class GradientIntake:
         return pairs, private
 
     def _refuse_grads_after_their_fold(self, params: list[torch.Tensor]) -> None:
-        """A ``.grad`` that appeared after backward folded the parameter's gradient was
-        written by something else after the fold: DistributedDataParallel writes the
-        averaged gradient there, after each rank folded its own."""
+        """In a run of several processes, a ``.grad`` that appeared after backward folded
+        the parameter's gradient is DistributedDataParallel's average, written after
+        each rank folded its own: taking it would leave every rank with its own
+        gradients. In one process it is the user's, and step() takes it as it takes
+        every present ``.grad``."""
+        world = processes_in_run()
+        if world <= 1:
+            return
         for param in params:
             if id(param) in self._folded_ids:
                 raise RuntimeError(
                     f"{self._describe(param)} has a .grad again after backward folded its "
-                    f"gradient (accumulate_in_backward=True): something wrote it after the "
-                    f"fold, as DistributedDataParallel writes the averaged gradient after "
-                    f"each rank folded its own, so every rank would update with its own "
-                    f"gradients. Under DDP make the optimizer without "
+                    f"gradient (accumulate_in_backward=True), in a run of {world} "
+                    f"processes: DistributedDataParallel writes its averaged gradient "
+                    f"there after each rank folded its own, so every rank would update "
+                    f"with its own gradients. Under DDP make the optimizer without "
                     f"accumulate_in_backward (DDP averages .grad, step() takes it), or "
-                    f"shard the model with FSDP2; nothing of this micro-batch's .grad was "
-                    f"taken"
+                    f"shard the model with FSDP2; nothing of this micro-batch's .grad "
+                    f"was taken"
                 )
 
     def _take_in_backward(self, param: torch.Tensor) -> None:

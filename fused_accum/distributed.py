@@ -32,6 +32,15 @@ def _dist():
     return dist
 
 
+def processes_in_run() -> int:
+    """The size of torch.distributed's default group; 1 when none is initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def broadcast_parameters(params: Iterable[torch.Tensor], src: int = 0, group: Any = None) -> None:
     """Copy rank ``src``'s values of ``params`` (for example ``model.parameters()``) to
     every rank of ``group``, so that all ranks start from the same weights."""

@@ -212,27 +212,3 @@ def test_a_bad_gradient_in_the_steady_state_is_named_and_nothing_is_lost(backend
     first.data, first.grad = torch.ones(4), torch.ones(4)
     optimizer.step()  # mended: the window goes on, the refused micro-step not counted
     torch.testing.assert_close(optimizer._accumulation.buffer_view(second), torch.full((4,), 2.0))
-
-
-@pytest.mark.parametrize("written", ["every", "one"])
-@pytest.mark.parametrize("window", [0, 1])
-def test_a_grad_written_after_its_fold_in_backward_is_refused(written, window):
-    """With accumulate_in_backward, a .grad that appears after backward folded the
-    parameter's gradient was written by something else (DDP writes its average there):
-    taking it would count the micro-batch twice. Both intakes refuse it (every
-    parameter's .grad after the first window: the steady one; one: the general one)."""
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    optimizer = FusedAccumSGD(
-        model.parameters(), lr=0.1, accumulation_steps=2, accumulate_in_backward=True
-    )
-    for _ in range(2 * window):
-        model(torch.randn(5, 3)).sum().backward()
-        optimizer.step()
-    model(torch.randn(5, 3)).sum().backward()
-    params = list(model.parameters()) if written == "every" else [model[1].bias]
-    for param in params:
-        param.grad = torch.zeros_like(param)
-    with pytest.raises(RuntimeError, match=r"has a \.grad again after backward folded its"):
-        optimizer.step()
-    assert all(param.grad is not None for param in params)  # nothing taken
-    assert optimizer.micro_step_count == 2 * window

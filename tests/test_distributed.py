@@ -218,6 +218,37 @@ def test_process_group_needs_torch_distributed_initialised():
         FusedAccumSGD([torch.zeros(2, requires_grad=True)], lr=0.1, process_group=object())
 
 
+def _grad_after_fold_worker(rank: int, world: int, folder: str) -> None:
+    """Both intakes (every parameter's .grad after the first window: the steady one;
+    one parameter's: the general one) refuse a .grad written after its fold."""
+    for written in ("every", "one"):
+        for window in (0, 1):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+            optimizer = FusedAccumSGD(
+                model.parameters(), lr=0.1, accumulation_steps=2, accumulate_in_backward=True
+            )
+            for _ in range(2 * window):
+                model(torch.randn(5, 3)).sum().backward()
+                optimizer.step()
+            model(torch.randn(5, 3)).sum().backward()
+            params = list(model.parameters()) if written == "every" else [model[1].bias]
+            for param in params:
+                param.grad = torch.zeros_like(param)
+            with pytest.raises(RuntimeError, match=r"in a run of 2 processes: DistributedData"):
+                optimizer.step()
+            assert all(param.grad is not None for param in params), written  # nothing taken
+            assert optimizer.micro_step_count == 2 * window, (written, window)
+
+
+def test_a_grad_written_after_its_fold_in_backward_is_refused_across_processes(tmp_path):
+    """With accumulate_in_backward in a run of several processes, a .grad that appears
+    after backward folded the parameter's gradient is DDP's average (in one process a
+    .grad assigned by hand is taken, as every present .grad is: the API fuzz test's
+    oracle holds it to that)."""
+    run_ranks(_grad_after_fold_worker, 2, tmp_path)
+
+
 def _ddp_fold_worker(rank: int, world: int, folder: str) -> None:
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
