@@ -10,12 +10,12 @@
                          callbacks=[FusedAccumCallback()])
 
 Lightning divides each loss by ``accumulate_grad_batches`` and calls ``step()`` (and the
-scheduler) once per window. The callback refuses double accumulation, moves a by-norm
-``gradient_clip_val`` into the optimizer's ``max_grad_norm`` for the length of a fit
-(with ``accumulate_in_backward`` Lightning's clipping would find no ``.grad``; in every
-mode that also spares mixed precision Lightning's refusal of clipping with optimizers
-that unscale themselves, as ours do), and logs the optimizer's gradient norm as ``grad_norm`` after
-each update.
+scheduler) once per window. The callback refuses double accumulation and gradients
+folded in backward under DDP, moves a by-norm ``gradient_clip_val`` into the
+optimizer's ``max_grad_norm`` for the length of a fit (with ``accumulate_in_backward``
+Lightning's clipping would find no ``.grad``; in every mode that also spares mixed
+precision Lightning's refusal of clipping with optimizers that unscale themselves, as
+ours do), and logs the optimizer's gradient norm as ``grad_norm`` after each update.
 """
 
 from __future__ import annotations
