@@ -75,8 +75,8 @@ def check_data_parallel(optimizer: FusedAccumOptimizer, world_size: int, setting
     its own gradients and the replicas drift apart."""
     if world_size <= 1 or not optimizer.accumulate_in_backward:
         return
-    if optimizer._process_group is not None:
-        return  # the optimizer averages the window's sums itself
+    # with process_group too: the trainer's DDP still writes its average into .grad
+    # after the fold, which step() then refuses; better said before training starts
     if all(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
         return  # FSDP2 reduce-scatters before the fold
     raise ValueError(
